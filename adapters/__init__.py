@@ -1,0 +1,42 @@
+"""Family adapters: one file per family, all sharing ``mc_retrofit``'s core.
+
+``ADAPTERS`` lists every supported family; :func:`adapter_for` picks one from a config.
+"""
+from __future__ import annotations
+
+from mc_retrofit.errors import MCError
+
+from .mamba import MambaAdapter
+from .mamba2 import Mamba2Adapter
+from .rwkv4 import Rwkv4Adapter
+
+ADAPTERS = [Mamba2Adapter(), MambaAdapter(), Rwkv4Adapter()]
+
+
+def register(adapter) -> None:
+    """Add a family (used by the optional families, e.g. flash-linear-attention's)."""
+    if all(a.family != adapter.family for a in ADAPTERS):
+        ADAPTERS.append(adapter)
+
+
+def supported_model_types() -> list[str]:
+    return sorted({t for a in ADAPTERS for t in a.model_types})
+
+
+def adapter_for(config):
+    """The adapter whose family matches ``config.model_type``, or a one-line MCError."""
+    model_type = getattr(config, "model_type", None)
+    for adapter in ADAPTERS:
+        if adapter.matches(config):
+            return adapter
+    raise MCError(
+        f"model type {model_type!r} is not a recurrent family mc-retrofit supports "
+        f"(supported: {', '.join(supported_model_types())})"
+    )
+
+
+def adapter_by_family(family: str):
+    for adapter in ADAPTERS:
+        if adapter.family == family:
+            return adapter
+    raise MCError(f"unknown family {family!r} (known: {', '.join(a.family for a in ADAPTERS)})")

@@ -1,0 +1,93 @@
+"""Mamba2 (transformers ``Mamba2ForCausalLM``).
+
+State per head: ``S [P, N]`` (head_dim x state_size, V-first). The layer's own read is
+``y_t = S_t C_t`` (then the D skip, the gated RMSNorm and out_proj).
+
+- query: ``C_t`` (repeated over the heads of its group);
+- key summary: mean of ``B_t`` over the segment;
+- read of a cached state: ``S_i C_t`` (scale 1), added before the D skip and the gated
+  norm, exactly where the family's own read-out happens.
+
+Wrapped ops: ``mamba2_chunk_scan`` (prefill: run per segment, chaining
+``initial_states``) and ``mamba2_selective_state_update`` (one-token decoding).
+"""
+from __future__ import annotations
+
+import torch
+
+from mc_retrofit.adapter import Adapter, StateInfo, expand_heads, passthrough, wrap_op
+from mc_retrofit.runner import linear_read, run_segments
+
+MODULE = "transformers.models.mamba2.modeling_mamba2"
+
+
+@passthrough
+def _chunk_scan(orig, run, hidden_states, dt, A, B, C, chunk_size, D=None, **kw):
+    init = kw.pop("initial_states", None)
+    want_final = kw.pop("return_final_states", False)
+    kw.pop("z", None)
+    heads = hidden_states.shape[2]
+
+    def run_piece(a, b, state):
+        return orig(
+            hidden_states[:, a:b], dt[:, a:b], A, B[:, a:b], C[:, a:b], chunk_size,
+            D=None, initial_states=state, return_final_states=True, **kw,
+        )
+
+    q = expand_heads(C, heads)
+    k = expand_heads(B, heads)
+    y, final = run_segments(
+        run, q, k, run_piece, init, lambda s: s.float().clone(), linear_read(q, scale=1.0, layout="vk")
+    )
+    if D is not None:  # the D skip, as the original op adds it
+        y = y + D[..., None] * hidden_states.float()
+    return (y, final) if want_final else y
+
+
+@passthrough
+def _state_update(orig, run, state, hidden_states, dt, A, B, C, D=None, **kw):
+    kw.pop("z", None)
+    heads = hidden_states.shape[1]
+    o = orig(state, hidden_states, dt, A, B, C, None, z=None, **kw)  # updates `state` in place
+    q = expand_heads(C, heads, dim=1)[:, None]
+    k = expand_heads(B, heads, dim=1)[:, None]
+    y, _ = run_segments(
+        run, q, k, lambda a, b, s: (o[:, None], s), state, lambda s: s.float().clone(),
+        linear_read(q, scale=1.0, layout="vk"),
+    )
+    y = y[:, 0]
+    if D is not None:
+        y = (y + hidden_states * D).to(y.dtype)
+    return y.to(hidden_states.dtype)
+
+
+class Mamba2Adapter(Adapter):
+    family = "mamba2"
+    model_types = ("mamba2",)
+    description = "query C_t; key summary mean B_t; read S_i C_t before the D skip and gated norm"
+
+    def model_class(self):
+        from transformers import Mamba2ForCausalLM
+
+        return Mamba2ForCausalLM
+
+    def mixers(self, model):
+        return [(i, layer.mixer) for i, layer in enumerate(model.backbone.layers)]
+
+    def gate_dims(self, mixer, config):
+        return mixer.num_heads, mixer.ssm_state_size
+
+    def cache_of(self, args, kwargs):
+        return kwargs.get("cache_params")
+
+    def install(self):
+        wrap_op(MODULE, "mamba2_chunk_scan", _chunk_scan)
+        wrap_op(MODULE, "mamba2_selective_state_update", _state_update)
+
+    def state_info(self, config):
+        return StateInfo(
+            shapes=[(config.num_heads, config.head_dim, config.state_size)],
+            bytes_per_element=4,
+            key_dim=config.state_size,
+            heads=config.num_heads,
+        )

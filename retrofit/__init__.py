@@ -1,0 +1,14 @@
+"""mc-retrofit: Memory Caching for already-trained recurrent language models.
+
+    import mc_retrofit
+    model = mc_retrofit.convert(model, mc_retrofit.MCConfig(segment_size=256, aggregation="gated"))
+    model.save_pretrained("out")            # a converted directory
+    model = mc_retrofit.load("out")         # or an exported .safetensors file
+"""
+from .config import MCConfig
+from .errors import MCError
+from .inspect import describe
+from .model import convert, export, load, load_base
+
+__all__ = ["MCConfig", "MCError", "convert", "load", "load_base", "export", "describe"]
+__version__ = "0.1.0"

@@ -1,0 +1,185 @@
+"""The ``mc-retrofit`` command line.
+
+Every user-facing failure prints one line (``error: ...``) and exits non-zero; no
+traceback unless ``MC_RETROFIT_DEBUG=1``.
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+import json
+import os
+import sys
+
+import click
+from pathlib import Path
+
+from .config import MCConfig
+from .errors import MCError
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+def friendly(fn):
+    """Turn MCError (and anything unexpected) into one line and a non-zero exit."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except MCError as e:
+            click.echo(f"error: {e}", err=True)
+            sys.exit(1)
+        except (click.ClickException, click.Abort, SystemExit, KeyboardInterrupt):
+            raise
+        except Exception as e:  # noqa: BLE001 - a one-line report, traceback on request
+            if os.environ.get("MC_RETROFIT_DEBUG"):
+                raise
+            first = (str(e).strip().splitlines() or [""])[0]
+            click.echo(f"error: {type(e).__name__}: {first} (set MC_RETROFIT_DEBUG=1 for a traceback)", err=True)
+            sys.exit(1)
+
+    return wrapper
+
+
+def mc_options(fn):
+    """Options that build an MCConfig, shared by the commands that convert."""
+    opts = [
+        click.option("--config", "config_file", type=click.Path(dir_okay=False), help="mc_config.json to start from."),
+        click.option("--segmentation", type=click.Choice(["constant", "log"]), help="Segment boundaries (default constant)."),
+        click.option("--segment-size", type=click.IntRange(min=1), help="Tokens per segment (default 256)."),
+        click.option("--aggregation", type=click.Choice(["residual", "gated", "soup", "ssc"]), help="How cached reads combine (default gated)."),
+        click.option("--top-k", type=click.IntRange(min=1), help="Cached segments kept per token under ssc (default 2)."),
+        click.option("--gate-source", type=click.Choice(["query", "learned"]), help="Gate input: the layer's query or a learned connector."),
+        click.option("--temperature", type=click.FloatRange(min=0, min_open=True), help="Gate softmax temperature (default 1)."),
+        click.option("--online-bias", type=float, help="Added to the online memory's gate logit (default 0)."),
+        click.option("--cache-weight", type=float, help="Initial mix of the cached reads: 1 = MC, 0 = exactly the base model."),
+        click.option("--layers", help="Comma-separated mixer layer indices to wrap (default: all)."),
+        click.option("--max-cached-segments", type=click.IntRange(min=1), help="Keep at most this many cached segments per layer."),
+    ]
+    for opt in reversed(opts):
+        fn = opt(fn)
+    return fn
+
+
+def build_config(config_file=None, layers=None, **values) -> MCConfig:
+    base = {}
+    if config_file:
+        if not os.path.isfile(config_file):
+            raise MCError(f"{config_file} does not exist")
+        with open(config_file) as f:
+            base = MCConfig.from_json(f.read()).to_dict()
+    if layers is not None:
+        try:
+            base["layers"] = [int(x) for x in layers.split(",") if x.strip()]
+        except ValueError:
+            raise MCError(f"--layers takes comma-separated integers like 0,2,3, not {layers!r}") from None
+    base.update({k: v for k, v in values.items() if v is not None})
+    return MCConfig.from_dict(base)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="mc-retrofit")
+def main():
+    """Give already-trained recurrent LMs a growing memory (Memory Caching)."""
+    import torch
+
+    torch.set_flush_denormal(True)  # tiny random models hit denormals on CPU (50x slower)
+
+
+@main.command()
+@click.argument("src")
+@click.option("--out", required=True, type=click.Path(), help="Directory to write the converted model to.")
+@click.option("--force", is_flag=True, help="Overwrite --out if it exists.")
+@mc_options
+@friendly
+def convert(src, out, force, **mc):
+    """Wrap the checkpoint SRC (a Hugging Face-format directory or builtin:NAME) with Memory Caching."""
+    from . import model as m
+    from .files import check_target
+
+    config = build_config(**mc)
+    check_target(Path(out).absolute(), force)
+    base = m.load_base(src)
+    model = m.convert(base, config)
+    m.save_converted(model, out, force=force)
+    n = sum(p.numel() for p in m.gate_state_dict(model).values())
+    click.echo(
+        f"converted {src} ({model.mc_config.family}, {len(m.gate_modules(model))} MC layers, "
+        f"{model.mc_config.aggregation}, segment {model.mc_config.segment_size}, {n} gate parameters) -> {out}"
+    )
+
+
+@main.command()
+@click.argument("path")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@mc_options
+@friendly
+def inspect(path, as_json, **mc):
+    """Family, layers, state shape and bytes, and cache bytes per 1K tokens of PATH."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from .inspect import describe
+
+    d = describe(path, build_config(**mc))
+    if as_json:
+        click.echo(json.dumps(d.to_dict(), indent=2))
+        return
+    c = d.mc_config
+    seg = f"constant {c['segment_size']}" if c["segmentation"] == "constant" else "log"
+    table = Table(title=f"{d.path}", show_header=False)
+    for k, v in [
+        ("family", d.family),
+        ("converted", "yes" if d.converted else "no (costs shown for the given options)"),
+        ("recurrent layers", str(d.num_layers)),
+        ("MC layers", ",".join(map(str, d.mc_layers)) or "none"),
+        ("state shape per layer", " + ".join(str(tuple(s)) for s in d.state_shapes)),
+        ("state bytes per layer (fp32)", f"{d.state_bytes} ({_human(d.state_bytes)})"),
+        ("key summary bytes per layer", f"{d.summary_bytes}"),
+        ("bytes per cached segment (all MC layers)", f"{d.segment_bytes} ({_human(d.segment_bytes)})"),
+        ("segmentation", seg),
+        ("aggregation", c["aggregation"] + (f" (top-{c['top_k']})" if c["aggregation"] == "ssc" else "")),
+        ("cached segments per 1K tokens", f"{d.segments_per_1k:g}"),
+        ("cache bytes per 1K tokens (per sequence)", f"{d.cache_bytes_per_1k:.0f} ({_human(d.cache_bytes_per_1k)})"),
+    ]:
+        table.add_row(k, v)
+    Console().print(table)
+
+
+@main.command()
+@click.argument("src")
+@click.option("--out", required=True, type=click.Path(), help="OUT.safetensors (one file) or a directory.")
+@click.option("--force", is_flag=True, help="Overwrite --out if it exists.")
+@friendly
+def export(src, out, force):
+    """Write the converted model SRC as one .safetensors file (or a directory)."""
+    from . import model as m
+    from .files import check_target
+
+    check_target(Path(out).absolute(), force)
+    model = m.load(src)
+    m.export(model, out, force=force)
+    click.echo(f"exported {src} -> {out}")
+
+
+# Commands that live in their own modules (one module per command, so work on them
+# does not collide): each defines a click command named ``command``.
+for _name in ("eval_cli", "finetune_cli", "generate_cli"):
+    try:
+        _mod = importlib.import_module(f"mc_retrofit.{_name}")
+    except ModuleNotFoundError as _e:
+        if _e.name != f"mc_retrofit.{_name}":
+            raise
+        continue
+    main.add_command(_mod.command)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,76 @@
+"""``inspect``: what a model's recurrent state and Memory Caching cost, from configs alone."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from safetensors import safe_open
+
+from .config import CONFIG_NAME, MCConfig
+from .errors import MCError
+from .model import EXPORT_FORMAT, config_from_dict, read_hf_config, resolve_path
+
+TOKENS = 1024  # "per 1K tokens"
+
+
+@dataclass
+class Description:
+    path: str
+    family: str
+    converted: bool
+    num_layers: int
+    mc_layers: list[int]
+    state_shapes: list[tuple[int, ...]]
+    state_bytes: int  # one layer's cached state, per sequence
+    summary_bytes: int  # one layer's pooled-key summary, per sequence
+    segment_bytes: int  # everything one cached segment costs, over all MC layers
+    segments_per_1k: float
+    cache_bytes_per_1k: float
+    mc_config: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def _configs(path: Path):
+    if path.is_file():
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+        except Exception as e:  # noqa: BLE001
+            raise MCError(f"{path} is not a readable safetensors file ({e}); it may be corrupted") from None
+        if meta.get("mc_retrofit") != EXPORT_FORMAT:
+            raise MCError(f"{path} was not exported by mc-retrofit (no mc_retrofit metadata)")
+        return config_from_dict(json.loads(meta["hf_config"]), str(path)), MCConfig.from_json(meta["mc_config"]), True
+    hf = read_hf_config(path)
+    if (path / CONFIG_NAME).is_file():
+        return hf, MCConfig.load(path), True
+    return hf, None, False
+
+
+def describe(path, mc_config: MCConfig | None = None) -> Description:
+    """Family, layers, state sizes and cache bytes per 1K tokens of a checkpoint.
+
+    For an unconverted checkpoint, ``mc_config`` (default: ``MCConfig()``) says which
+    segment size to cost."""
+    from mc_retrofit.adapters import adapter_for
+
+    p = resolve_path(path)
+    hf, saved, converted = _configs(p)
+    cfg = saved if saved is not None else (mc_config or MCConfig())
+    adapter = adapter_for(hf)
+    info = adapter.state_info(hf)
+    n_layers = hf.num_hidden_layers
+    layers = [i for i in range(n_layers) if cfg.applies_to(i)]
+    segment_bytes = (info.state_bytes + info.summary_bytes) * len(layers)
+    if cfg.segmentation == "constant":
+        per_1k = TOKENS / cfg.segment_size
+    else:  # log: a 1K-token call is one power of two, kept open
+        per_1k = float(bin(TOKENS).count("1") - 1)
+    return Description(
+        path=str(path), family=adapter.family, converted=converted, num_layers=n_layers, mc_layers=layers,
+        state_shapes=info.shapes, state_bytes=info.state_bytes, summary_bytes=info.summary_bytes,
+        segment_bytes=segment_bytes, segments_per_1k=per_1k, cache_bytes_per_1k=per_1k * segment_bytes,
+        mc_config=cfg.to_dict(),
+    )

@@ -1,0 +1,113 @@
+"""The per-layer side of Memory Caching: gate parameters and the running-layer context.
+
+Adapters never rewrite a family's layer code. ``convert`` attaches an :class:`MCGate` to
+each wrapped mixer and registers a forward pre-hook that publishes "this layer is
+running" (a ContextVar). The family's core op, wrapped at module level by the adapter,
+looks the context up: inside a wrapped layer it runs segment by segment and adds the
+cached reads; anywhere else it is the original op, untouched.
+"""
+from __future__ import annotations
+
+import contextvars
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import MCConfig
+from .memory import LayerMemory
+
+_ACTIVE: contextvars.ContextVar["LayerRun | None"] = contextvars.ContextVar("mc_active_layer", default=None)
+
+
+class MCGate(nn.Module):
+    """The only new parameters Memory Caching adds to a layer.
+
+    cache_weight ``[H]``: mix ``a`` in ``y = o + a (agg - o)`` (0 = the base model).
+    log_temperature ``[H]``: gate temperature, ``log`` so it stays positive when tuned.
+    connector (``gate_source='learned'``): ``W_u``, d_model -> H * U, zero-initialised.
+    """
+
+    def __init__(self, config: MCConfig, layer_idx: int, num_heads: int, key_dim: int, hidden_size: int):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.num_heads = num_heads
+        self.key_dim = key_dim
+        self.cache_weight = nn.Parameter(torch.full((num_heads,), float(config.cache_weight)))
+        self.log_temperature = nn.Parameter(torch.full((num_heads,), math.log(config.temperature)))
+        if config.gate_source == "learned":
+            self.connector = nn.Linear(hidden_size, num_heads * key_dim, bias=False)
+            nn.init.zeros_(self.connector.weight)
+        else:
+            self.connector = None
+
+    def gate_scale(self) -> torch.Tensor:
+        return 1.0 / (math.sqrt(self.key_dim) * self.log_temperature.exp())
+
+    def gate_input(self, query: torch.Tensor, hidden: torch.Tensor | None) -> torch.Tensor:
+        """``u_t``: the layer's own query, or ``x_t W_u`` for the learned connector."""
+        if self.connector is None:
+            return query
+        if hidden is None:
+            raise RuntimeError("learned gate needs the layer input; the pre-hook did not record it")
+        B, T = hidden.shape[:2]
+        return self.connector(hidden.to(self.connector.weight.dtype)).view(B, T, self.num_heads, self.key_dim)
+
+    def extra_repr(self) -> str:
+        c = self.config
+        return f"layer={self.layer_idx}, heads={self.num_heads}, aggregation={c.aggregation}, gate_source={c.gate_source}"
+
+
+@dataclass
+class LayerRun:
+    """What a wrapped op needs to know about the layer that called it."""
+
+    gate: MCGate
+    memory: LayerMemory
+    hidden: torch.Tensor | None  # the mixer's input (for the learned connector)
+    cache: Any  # the family's cache object for this call, if any
+
+
+def current() -> LayerRun | None:
+    return _ACTIVE.get()
+
+
+def memory_for(holder: Any, layer_idx: int, config: MCConfig) -> LayerMemory:
+    """The layer's memory: attached to the call's cache object so it lives as long as
+    the recurrent state does; a fresh one when the call has no cache."""
+    if holder is None:
+        return LayerMemory(config.max_cached_segments)
+    store = getattr(holder, "_mc_memory", None)
+    if store is None:
+        store = {}
+        setattr(holder, "_mc_memory", store)
+    if layer_idx not in store:
+        store[layer_idx] = LayerMemory(config.max_cached_segments)
+    return store[layer_idx]
+
+
+def attach(mixer: nn.Module, gate: MCGate, cache_of) -> list:
+    """Attach ``gate`` to ``mixer`` and the hooks that publish the running layer.
+
+    ``cache_of(args, kwargs)`` returns the object the memory hangs on (or None)."""
+    mixer.mc_gate = gate
+
+    def pre(module, args, kwargs):
+        hidden = args[0] if args else next(iter(kwargs.values()), None)
+        holder = cache_of(args, kwargs)
+        run = LayerRun(gate=gate, memory=memory_for(holder, gate.layer_idx, gate.config), hidden=hidden, cache=holder)
+        module._mc_token = _ACTIVE.set(run)
+
+    def post(module, args, kwargs, output):
+        token = getattr(module, "_mc_token", None)
+        if token is not None:
+            _ACTIVE.reset(token)
+            module._mc_token = None
+
+    return [
+        mixer.register_forward_pre_hook(pre, with_kwargs=True),
+        mixer.register_forward_hook(post, with_kwargs=True, always_call=True),
+    ]

@@ -1,0 +1,80 @@
+"""The segment loop every linear-memory adapter shares.
+
+An adapter hands over its layer's query and keys in a common shape plus a callable
+that runs the family's own recurrence over a slice of tokens from a given state. The
+loop runs segment by segment (checkpoint mode: the state is carried, never reset),
+caches each boundary state with its mean-pooled keys, and lets every token read the
+segments completed before its own.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from .core import readout_reference, segment_pieces
+from .layer import LayerRun
+
+# run_piece(start, end, state) -> (online output [B, end-start, H, V], state after end)
+RunPiece = Callable[[int, int, object], tuple[torch.Tensor, object]]
+
+
+def readout(*args, **kwargs):
+    """Dispatch point for the fused read-out (Triton on CUDA when available)."""
+    try:
+        from mc_retrofit.kernels import readout as kernel_readout
+    except ImportError:  # kernels package not importable: reference path
+        return readout_reference(*args, **kwargs)
+    return kernel_readout(*args, **kwargs)
+
+
+def linear_read(q: torch.Tensor, *, scale: float, layout: str):
+    """The read for linear memories: ``scale * q_t^T S_i``, aggregated with the gates.
+
+    q ``[B,T,H,K]``; cached states are ``[B,H,K,V]`` (``layout='kv'``) or ``[B,H,V,K]``."""
+
+    def read(run: LayerRun, o, a, b, u, online_pool, n_visible):
+        mem, gate, cfg = run.memory, run.gate, run.gate.config
+        return readout(
+            q[:, a:b], mem.states, o, u, mem.pooled, online_pool, n_visible,
+            aggregation=cfg.aggregation, top_k=cfg.top_k, scale=scale,
+            gate_scale=gate.gate_scale(), mix=gate.cache_weight, online_bias=cfg.online_bias, layout=layout,
+        )
+
+    return read
+
+
+def run_segments(
+    run: LayerRun,
+    query: torch.Tensor,
+    k: torch.Tensor,
+    run_piece: RunPiece,
+    state,
+    snapshot: Callable[[object], torch.Tensor],
+    read,
+):
+    """Memory Caching over one call of a layer.
+
+    query ``[B,T,H,U]`` is the parameter-free gate input (the layer's own query); k
+    ``[B,T,H,U]`` the keys that summarise a segment (head groups already expanded);
+    ``state`` the recurrent state entering the call (family layout, or None);
+    ``snapshot(state)`` a detached copy of it to cache; ``read(run, o, a, b, u,
+    online_pool, n_visible)`` combines the online output ``o`` of tokens ``a:b`` with the
+    cached memories (see :func:`linear_read`). Returns (output, final state).
+    """
+    gate, mem, cfg = run.gate, run.memory, run.gate.config
+    T = k.shape[1]
+    u = gate.gate_input(query, run.hidden)
+    close_before, pieces = segment_pieces(mem.pos, mem.seg_fill, T, cfg.segmentation, cfg.segment_size)
+    if close_before and state is not None:
+        mem.close(snapshot(state))
+    outs = []
+    for a, b, closes in pieces:
+        o, state = run_piece(a, b, state)
+        nv = torch.full((b - a,), mem.n, dtype=torch.long, device=k.device)
+        online_pool = mem.running_pool(k[:, a:b])
+        outs.append(read(run, o, a, b, u[:, a:b], online_pool, nv))
+        mem.add_keys(k[:, a:b])
+        if closes:
+            mem.close(snapshot(state))
+    return (outs[0] if len(outs) == 1 else torch.cat(outs, 1)), state

@@ -1,0 +1,48 @@
+"""Shared test fixtures: tiny models built from configs (nothing is downloaded) and
+the real checkpoints under ../shared (tests that need them skip without it)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+torch.set_flush_denormal(True)  # tiny random models hit denormals on CPU
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("MC_RETROFIT_SHARED", ROOT.parent / "shared"))
+CHECKPOINTS = SHARED / "checkpoints"
+DATA = SHARED / "data" / "gutenberg"
+
+
+def shared_path(*parts) -> Path:
+    p = SHARED.joinpath(*parts)
+    if not p.exists():
+        pytest.skip(f"{p} not available (../shared is absent)")
+    return p
+
+
+def tiny_model(family: str, seed: int = 0, **overrides):
+    """A tiny randomly initialised model of a transformers family, in eval mode."""
+    from transformers import (Mamba2Config, Mamba2ForCausalLM, MambaConfig, MambaForCausalLM, RwkvConfig,
+                              RwkvForCausalLM)
+
+    torch.manual_seed(seed)
+    if family == "mamba2":
+        cfg = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_heads=4, head_dim=16, state_size=8,
+                   n_groups=2, expand=2, chunk_size=8, use_cache=False)
+        model = Mamba2ForCausalLM(Mamba2Config(**{**cfg, **overrides}))
+    elif family == "mamba":
+        cfg = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, state_size=8, expand=2, use_cache=False)
+        model = MambaForCausalLM(MambaConfig(**{**cfg, **overrides}))
+    elif family == "rwkv4":
+        cfg = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, attention_hidden_size=32,
+                   intermediate_size=64, context_length=128)
+        model = RwkvForCausalLM(RwkvConfig(**{**cfg, **overrides}))
+    else:
+        raise ValueError(family)
+    return model.eval()
+
+
+TRANSFORMERS_FAMILIES = ["mamba2", "mamba", "rwkv4"]
