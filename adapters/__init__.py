@@ -40,3 +40,20 @@ def adapter_by_family(family: str):
         if adapter.family == family:
             return adapter
     raise MCError(f"unknown family {family!r} (known: {', '.join(a.family for a in ADAPTERS)})")
+
+
+def _register_fla_families() -> None:
+    """flash-linear-attention families: registered only when fla is importable, so the
+    transformers families keep working without it. Importing the adapters does not
+    import fla itself (that happens when a model class is asked for)."""
+    import importlib.util
+
+    if importlib.util.find_spec("fla") is None:
+        return
+    from .fla_rwkv7 import Rwkv7Adapter
+
+    for adapter in (Rwkv7Adapter(),):
+        register(adapter)
+
+
+_register_fla_families()

@@ -106,6 +106,10 @@ def convert(src, out, force, **mc):
 
     config = build_config(**mc)
     check_target(Path(out).absolute(), force)
+    hf = m.read_hf_config(m.resolve_path(src))
+    bad = [i for i in (config.layers or []) if i >= hf.num_hidden_layers]
+    if bad:  # checked before loading any weight
+        raise MCError(f"layers {bad} do not exist: the model has {hf.num_hidden_layers} recurrent layers")
     base = m.load_base(src)
     model = m.convert(base, config)
     m.save_converted(model, out, force=force)

@@ -49,9 +49,10 @@ def convert(model, config: MCConfig | None = None):
     adapter.install()
     mixers = adapter.mixers(model)
     if config.layers is not None:
-        bad = [i for i in config.layers if i >= len(mixers)]
+        valid = [i for i, _ in mixers]  # model layer indices (hybrids skip their attention layers)
+        bad = [i for i in config.layers if i not in valid]
         if bad:
-            raise MCError(f"layers {bad} do not exist: the model has {len(mixers)} recurrent layers (0..{len(mixers) - 1})")
+            raise MCError(f"layers {bad} do not exist or are not recurrent: recurrent layers are {valid}")
     config = MCConfig.from_dict({**config.to_dict(), "family": adapter.family})
     hooks = []
     ref = next(model.parameters())
@@ -140,7 +141,7 @@ def config_from_dict(data: dict, where: str = "config"):
     adapter = _adapters().adapter_for(probe)
     cls = adapter.model_class().config_class
     try:
-        return cls.from_dict(data)
+        return cls.from_dict(cls._decode_special_floats(data))  # {"__float__": "Infinity"} -> inf
     except Exception as e:  # noqa: BLE001 - surface as one line
         raise MCError(f"{where} could not be read as a {adapter.family} config: {_first_line(e)}") from None
 
@@ -148,6 +149,20 @@ def config_from_dict(data: dict, where: str = "config"):
 def _first_line(e: Exception) -> str:
     text = str(e).strip().splitlines()
     return text[0] if text else type(e).__name__
+
+
+@contextlib.contextmanager
+def _quiet_transformers():
+    """No per-tensor 'Loading weights' bars: they bury one-line errors and say little."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
 
 
 def load_base(path: str | Path, dtype: torch.dtype | None = None):
@@ -162,7 +177,8 @@ def load_base(path: str | Path, dtype: torch.dtype | None = None):
     if dtype is not None:
         kwargs["dtype"] = dtype
     try:
-        model, info = adapter.model_class().from_pretrained(str(directory), **kwargs)
+        with _quiet_transformers():
+            model, info = adapter.model_class().from_pretrained(str(directory), **kwargs)
     except MCError:
         raise
     except Exception as e:  # noqa: BLE001
@@ -185,12 +201,13 @@ def load(path: str | Path, dtype: torch.dtype | None = None):
             raise MCError(f"{p} is an original checkpoint, not a converted one; run `mc-retrofit convert {p} --out DIR`")
         raise MCError(f"{p} is neither a converted mc-retrofit directory nor an exported .safetensors file")
     mc_config = MCConfig.load(p)
-    model = convert(load_base(p, dtype=dtype), mc_config)
     gates_file = p / GATES_NAME
+    gates = _read_safetensors(gates_file) if gates_file.is_file() else None  # fail early, before the weights
+    model = convert(load_base(p, dtype=dtype), mc_config)
     if gate_modules(model):
-        if not gates_file.is_file():
+        if gates is None:
             raise MCError(f"{gates_file} is missing; the converted directory is incomplete")
-        _load_gates(model, _read_safetensors(gates_file))
+        _load_gates(model, gates)
     return model
 
 

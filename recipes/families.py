@@ -1,0 +1,112 @@
+"""Build and load small models of every supported family with the families' stock classes.
+
+transformers families (mamba2, mamba) load by explicit class, because ``import fla``
+re-registers the ``mamba``/``mamba2`` model types. fla families (delta_net, gated_deltanet,
+retnet, gla, rwkv7) need a GPU, or ``mc_retrofit.fla_cpu`` to route fla's Triton ops to
+torch on CPU.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from mc_retrofit.errors import MCError
+
+# Small defaults: a few hundred K parameters at vocab 256 and hidden 128.
+DEFAULTS: dict[str, dict] = {
+    "mamba2": dict(hidden_size=128, num_hidden_layers=4, num_heads=8, head_dim=32, state_size=32, n_groups=1,
+                   expand=2, chunk_size=64, tie_word_embeddings=True),
+    "mamba": dict(hidden_size=128, num_hidden_layers=4, state_size=16, expand=2, tie_word_embeddings=True),
+    "delta_net": dict(hidden_size=128, num_hidden_layers=4, num_heads=4, expand_k=1.0, expand_v=1.0,
+                      hidden_ratio=2, tie_word_embeddings=True),
+    "gated_deltanet": dict(hidden_size=128, num_hidden_layers=4, num_heads=4, head_dim=32, expand_v=1.0,
+                           hidden_ratio=2, tie_word_embeddings=True),
+    "retnet": dict(hidden_size=128, num_hidden_layers=4, num_heads=4, expand_k=1.0, expand_v=1.0, hidden_ratio=2,
+                   tie_word_embeddings=True),
+    "gla": dict(hidden_size=128, num_hidden_layers=4, num_heads=4, expand_k=0.5, expand_v=1.0, hidden_ratio=2,
+                tie_word_embeddings=True),
+    "rwkv7": dict(hidden_size=128, num_hidden_layers=4, head_dim=32, hidden_ratio=2, decay_low_rank_dim=16,
+                  gate_low_rank_dim=32, a_low_rank_dim=16, v_low_rank_dim=8, tie_word_embeddings=True),
+}
+
+FLA = {
+    "delta_net": ("DeltaNetConfig", "DeltaNetForCausalLM"),
+    "gated_deltanet": ("GatedDeltaNetConfig", "GatedDeltaNetForCausalLM"),
+    "retnet": ("RetNetConfig", "RetNetForCausalLM"),
+    "gla": ("GLAConfig", "GLAForCausalLM"),
+    "rwkv7": ("RWKV7Config", "RWKV7ForCausalLM"),
+}
+FAMILIES = tuple(DEFAULTS)
+
+
+def _transformers_classes(family: str):
+    import transformers
+
+    if family == "mamba2":
+        return transformers.Mamba2Config, transformers.Mamba2ForCausalLM
+    return transformers.MambaConfig, transformers.MambaForCausalLM
+
+
+def _fla_classes(family: str):
+    import fla.models
+
+    cfg, model = FLA[family]
+    return getattr(fla.models, cfg), getattr(fla.models, model)
+
+
+def enable_fla_cpu() -> None:
+    """Route fla's Triton ops to torch on CPU, or say clearly why fla cannot run here."""
+    if torch.cuda.is_available():
+        return
+    try:
+        from mc_retrofit import fla_cpu
+    except ImportError:
+        raise MCError("fla families need a CUDA GPU or mc_retrofit.fla_cpu (not installed)") from None
+    fla_cpu.enable()
+
+
+def classes(family: str):
+    if family not in DEFAULTS:
+        raise MCError(f"unknown family {family!r}; choose one of {', '.join(FAMILIES)}")
+    if family in FLA:
+        enable_fla_cpu()
+        return _fla_classes(family)
+    return _transformers_classes(family)
+
+
+def build(family: str, vocab_size: int = 256, seed: int = 0, **overrides):
+    """A freshly initialised causal LM of ``family`` (defaults above, then ``overrides``)."""
+    config_cls, model_cls = classes(family)
+    kw = {**DEFAULTS[family], "vocab_size": vocab_size, "use_cache": False, **overrides}
+    if family in FLA:
+        # fla's fused kernels are Triton: keep the plain torch paths so CPU training works.
+        kw = {"fuse_norm": False, "fuse_swiglu": False, "fuse_cross_entropy": False, **kw}
+        kw.setdefault("bos_token_id", 0)
+        kw.setdefault("eos_token_id", 0)
+    else:
+        kw.setdefault("pad_token_id", 0)
+        kw.setdefault("bos_token_id", 0)
+        kw.setdefault("eos_token_id", 0)
+    torch.manual_seed(seed)
+    return model_cls(config_cls(**kw))
+
+
+def family_of(path: str | Path) -> str:
+    model_type = json.loads((Path(path) / "config.json").read_text())["model_type"]
+    aliases = {"mamba2": "mamba2", "mamba": "mamba", "delta_net": "delta_net", "gated_deltanet": "gated_deltanet",
+               "retnet": "retnet", "gla": "gla", "rwkv7": "rwkv7"}
+    if model_type not in aliases:
+        raise MCError(f"{path}: model_type {model_type!r} is not a family this recipe trains")
+    return aliases[model_type]
+
+
+def load(path: str | Path):
+    """Load a checkpoint this recipe wrote (any family), in eval mode."""
+    _, model_cls = classes(family_of(path))
+    return model_cls.from_pretrained(str(path)).eval()
+
+
+def n_params(model) -> int:
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,129 @@
+"""Evaluation suites ("recipes"): lengths, depths, samples and MC variants, by name.
+
+A recipe is a JSON file in ``recipes/eval/`` (``smoke``, ``default``, ``long``, ...) or
+any path. Lengths are token counts or multiples of the model's training context
+written ``"4x"``; so one recipe fits checkpoints trained at different lengths.
+
+    {"name": "default", "description": "...", "batch_size": 4,
+     "perplexity": {"lengths": ["1x", "4x", "16x"], "windows": 4, "position_bucket": "0.25x"},
+     "passkey": {"lengths": ["1x", "4x"], "depths": [0, 0.25, 0.5, 0.75, 1], "samples": 4},
+     "multikey": {"lengths": ["1x", "4x"], "samples": 8, "n_keys": 4},
+     "variable_tracking": {"lengths": ["1x", "4x"], "samples": 8, "hops": 2, "n_chains": 2},
+     "variants": [{"name": "mc-gated", "mc": {"segment_size": "0.5x", "aggregation": "gated"}}]}
+
+Every section is optional; a missing section is not run.
+"""
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+from mc_retrofit.errors import MCError
+
+RECIPE_DIR = Path(__file__).resolve().parents[2] / "recipes" / "eval"
+TASKS = ("passkey", "multikey", "variable_tracking")
+SECTIONS = ("perplexity",) + TASKS
+TOP_KEYS = {"name", "description", "batch_size", "variants", "seed"} | set(SECTIONS)
+SECTION_KEYS = {
+    "perplexity": {"lengths", "windows", "position_bucket"},
+    "passkey": {"lengths", "depths", "samples", "digits"},
+    "multikey": {"lengths", "depths", "samples", "n_keys", "digits"},
+    "variable_tracking": {"lengths", "samples", "hops", "n_chains", "digits"},
+}
+
+
+def available() -> list[str]:
+    return sorted(p.stem for p in RECIPE_DIR.glob("*.json")) if RECIPE_DIR.is_dir() else []
+
+
+def load_recipe(name_or_path: str) -> dict:
+    """A recipe by name (``recipes/eval/NAME.json``) or by path, validated."""
+    p = Path(name_or_path)
+    if not (p.suffix == ".json" and p.is_file()):
+        p = RECIPE_DIR / f"{name_or_path}.json"
+        if not p.is_file():
+            names = ", ".join(available()) or "none found"
+            raise MCError(f"no evaluation recipe {name_or_path!r} (available: {names}; or give a .json path)")
+    try:
+        recipe = json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise MCError(f"{p} is not valid JSON ({e.msg} at line {e.lineno})") from None
+    recipe.setdefault("name", p.stem)
+    validate(recipe, str(p))
+    return recipe
+
+
+def validate(recipe: dict, where: str = "recipe") -> None:
+    if not isinstance(recipe, dict):
+        raise MCError(f"{where}: a recipe is a JSON object")
+    unknown = sorted(set(recipe) - TOP_KEYS)
+    if unknown:
+        raise MCError(f"{where}: unknown key(s) {', '.join(unknown)} (known: {', '.join(sorted(TOP_KEYS))})")
+    for sec in SECTIONS:
+        if sec not in recipe:
+            continue
+        body = recipe[sec]
+        if not isinstance(body, dict):
+            raise MCError(f"{where}: {sec} must be an object")
+        bad = sorted(set(body) - SECTION_KEYS[sec])
+        if bad:
+            raise MCError(f"{where}: unknown key(s) in {sec}: {', '.join(bad)}")
+        if not body.get("lengths"):
+            raise MCError(f"{where}: {sec} needs a non-empty list of lengths")
+        for length in body["lengths"]:
+            parse_length(length, None, check_only=True, where=f"{where}: {sec}")
+        for key in ("windows", "samples"):
+            if key in body and (not isinstance(body[key], int) or body[key] < 1):
+                raise MCError(f"{where}: {sec}.{key} must be a positive integer")
+        for d in body.get("depths", []):
+            if not (isinstance(d, (int, float)) and 0 <= d <= 1):
+                raise MCError(f"{where}: {sec}.depths must lie in [0, 1], not {d!r}")
+    variants = recipe.get("variants", [])
+    if not isinstance(variants, list) or not all(isinstance(v, dict) and "name" in v for v in variants):
+        raise MCError(f"{where}: variants must be a list of objects with a name")
+    names = [v["name"] for v in variants]
+    if len(set(names)) != len(names) or "base" in names:
+        raise MCError(f"{where}: variant names must be unique and not 'base'")
+
+
+def parse_length(value, train_context: int | None, check_only: bool = False, where: str = "recipe") -> int | None:
+    """``512`` -> 512; ``"4x"`` -> 4 * train_context."""
+    if isinstance(value, bool):
+        raise MCError(f"{where}: {value!r} is not a length")
+    if isinstance(value, int):
+        if value < 2:
+            raise MCError(f"{where}: lengths must be at least 2 tokens, not {value}")
+        return value
+    if isinstance(value, str) and value.endswith("x"):
+        try:
+            mult = float(value[:-1])
+        except ValueError:
+            mult = -1.0
+        if mult <= 0:
+            raise MCError(f"{where}: {value!r} is not a multiple of the training context like '4x'")
+        if check_only:
+            return None
+        if train_context is None:
+            raise MCError(
+                f"{where}: {value!r} is relative to the training context, which this checkpoint does not "
+                "record; pass --train-context N"
+            )
+        return max(2, int(round(mult * train_context)))
+    raise MCError(f"{where}: {value!r} is not a length (an integer, or a multiple like '4x')")
+
+
+def resolve(recipe: dict, train_context: int | None) -> dict:
+    """A copy with every relative length (and relative segment size) made absolute."""
+    r = copy.deepcopy(recipe)
+    for sec in SECTIONS:
+        if sec in r:
+            body = r[sec]
+            body["lengths"] = sorted({parse_length(x, train_context, where=sec) for x in body["lengths"]})
+            if "position_bucket" in body:
+                body["position_bucket"] = parse_length(body["position_bucket"], train_context, where=sec)
+    for v in r.get("variants", []):
+        mc = v.get("mc", {})
+        if isinstance(mc.get("segment_size"), str):
+            mc["segment_size"] = parse_length(mc["segment_size"], train_context, where=f"variant {v['name']}")
+    return r

@@ -1,0 +1,116 @@
+"""Recall tasks on real-text haystacks: pass-key (single needle, a grid of lengths x
+depths), multi-key (several named keys, one asked for: the others are distractors) and
+variable tracking (a chain of assignments plus distractor chains).
+
+The prompts come from :mod:`mc_retrofit.tasks` (byte-exact lengths). A sample is scored
+by teacher-forced greedy decoding: correct when the argmax at every answer position is
+the answer token (which is exactly when greedy decoding would write the answer); the
+answer's log-likelihood is kept too, a softer signal when accuracies sit at 0 or 1.
+"""
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass, field
+
+import torch
+
+from mc_retrofit import tasks
+
+from .forward import answer_scores
+from .text import Codec
+
+LN2 = math.log(2.0)
+
+
+@dataclass
+class TaskItem:
+    task: str
+    length: int  # requested length in tokens
+    depth: float | None
+    index: int
+    ids: torch.Tensor  # prompt + answer token ids
+    answer_len: int
+    meta: dict = field(default_factory=dict)
+
+    def key(self) -> tuple:
+        return (self.task, self.length, self.depth, self.index)
+
+
+def _generate(task: str, haystack: bytes, n_bytes: int, rng: random.Random, depth, body: dict) -> tasks.TextSample:
+    digits = body.get("digits", 5)
+    if task == "passkey":
+        return tasks.passkey_sample(haystack, n_bytes, rng, depth=depth, digits=digits)
+    if task == "multikey":
+        return tasks.multikey_sample(haystack, n_bytes, rng, n_keys=body.get("n_keys", 4), depth=depth, digits=digits)
+    if task == "variable_tracking":
+        return tasks.variable_tracking_sample(haystack, n_bytes, rng, hops=body.get("hops", 2),
+                                              n_chains=body.get("n_chains", 2), digits=digits)
+    raise ValueError(task)
+
+
+def make_items(task: str, body: dict, haystack: bytes, codec: Codec, seed: int,
+               bytes_per_token: float = 1.0) -> list[TaskItem]:
+    """Every sample of a task's grid. Each sample's generator is seeded from
+    (seed, task, length, depth, index), so any subset (a shard) is reproducible alone."""
+    depths = body.get("depths") or [None]
+    items = []
+    for L in body["lengths"]:
+        n_bytes = max(2, int(round(L * bytes_per_token)))
+        for d in depths:
+            for i in range(body.get("samples", 4)):
+                rng = random.Random(f"{seed}:{task}:{L}:{d}:{i}")
+                s = _generate(task, haystack, n_bytes, rng, d, body)
+                prompt, answer = codec.encode(s.prompt), codec.encode(s.answer)
+                ids = torch.tensor(prompt + answer, dtype=torch.long)
+                meta = {k: v for k, v in s.meta.items() if k in ("needle_offsets", "depth", "name")}
+                meta["answer"] = s.answer.decode()
+                items.append(TaskItem(task, L, d, i, ids, len(answer), meta))
+    return items
+
+
+def score_items(model, items: list[TaskItem], device, batch_size: int, variant: str, progress=None) -> list[dict]:
+    """One record per sample: correct (0/1), answer NLL (nats) and answer tokens."""
+    groups: dict[tuple, list[TaskItem]] = {}
+    for it in items:
+        groups.setdefault((len(it.ids), it.answer_len), []).append(it)
+    records = []
+    for (T, A), group in sorted(groups.items()):
+        for i in range(0, len(group), batch_size):
+            chunk = group[i:i + batch_size]
+            ids = torch.stack([it.ids for it in chunk]).to(device)
+            correct, nll = answer_scores(model, ids, T - A, A)
+            for it, c, n in zip(chunk, correct.tolist(), nll.tolist()):
+                records.append({
+                    "kind": it.task, "variant": variant, "length": it.length, "depth": it.depth,
+                    "sample": it.index, "tokens": T, "correct": int(c), "answer_nll": float(n), "answer_tokens": A,
+                    "answer": it.meta.get("answer"), "needle_offsets": it.meta.get("needle_offsets"),
+                })
+            if progress is not None:
+                progress.update(len(chunk))
+    return records
+
+
+def summarise(records: list[dict], task: str, variants: list[str]) -> dict:
+    """``by_length[variant][L]`` = accuracy and answer bits/token over every depth;
+    ``grid[variant][L][depth]`` = accuracy per cell (tasks with a depth grid)."""
+    by_length, grid = {}, {}
+    for v in variants:
+        rows = [r for r in records if r["kind"] == task and r["variant"] == v]
+        for L in sorted({r["length"] for r in rows}):
+            rs = [r for r in rows if r["length"] == L]
+            by_length.setdefault(v, {})[str(L)] = {
+                "accuracy": sum(r["correct"] for r in rs) / len(rs),
+                "answer_bits_per_token": sum(r["answer_nll"] for r in rs) / sum(r["answer_tokens"] for r in rs) / LN2,
+                "samples": len(rs),
+                "mean_tokens": sum(r["tokens"] for r in rs) / len(rs),
+            }
+            depths = sorted({r["depth"] for r in rs if r["depth"] is not None})
+            for d in depths:
+                cell = [r for r in rs if r["depth"] == d]
+                grid.setdefault(v, {}).setdefault(str(L), {})[str(d)] = {
+                    "accuracy": sum(r["correct"] for r in cell) / len(cell),
+                    "answer_bits_per_token": sum(r["answer_nll"] for r in cell) / sum(r["answer_tokens"] for r in cell) / LN2,
+                    "samples": len(cell),
+                }
+    return {"by_length": by_length, "grid": grid}

@@ -1,0 +1,157 @@
+"""``evaluate``: the base model and every MC variant on the same inputs, in one process
+(or sharded over several), returning one results dictionary (see :mod:`.report`)."""
+from __future__ import annotations
+
+import gc
+import platform
+import time
+from dataclasses import dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+from mc_retrofit.errors import MCError
+
+from . import dist, perplexity, retrieval
+from .recipes import TASKS, resolve
+from .text import codec_for, default_texts, load_texts, tokenize_documents
+from .variants import ModelSource, Variant, assemble
+
+SCHEMA = "mc-retrofit-eval/1"
+
+
+@dataclass
+class EvalOptions:
+    model: str
+    recipe: dict
+    variants: list[Variant] = field(default_factory=list)
+    use_recipe_variants: bool | None = None
+    seed: int = 0
+    data: str | None = None
+    text_field: str = "text"
+    split: str | None = None
+    tokenizer: str | None = None
+    device: str | None = None
+    dtype: str | None = None
+    batch_size: int | None = None
+    train_context: int | None = None
+    sections: list[str] | None = None  # None: every section the recipe has
+    progress: bool = True
+
+
+def _dtype(name: str | None):
+    if name is None:
+        return None
+    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+             "float16": torch.float16, "fp16": torch.float16}
+    if name not in table:
+        raise MCError(f"dtype must be one of {', '.join(table)}, not {name!r}")
+    return table[name]
+
+
+def environment(device: str, world: dist.World) -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    versions = {"python": platform.python_version()}
+    for pkg in ("mc-retrofit", "torch", "transformers", "flash-linear-attention", "triton", "datasets"):
+        try:
+            versions[pkg] = version(pkg)
+        except PackageNotFoundError:
+            versions[pkg] = None
+    if device.startswith("cuda"):
+        name = torch.cuda.get_device_name(torch.device(device))
+    else:
+        name = platform.processor() or platform.machine()
+    return {
+        "versions": versions, "device": device, "device_name": name, "platform": platform.platform(),
+        "torch_threads": torch.get_num_threads(), "world_size": world.size,
+    }
+
+
+def evaluate(opts: EvalOptions) -> dict:
+    t_start = time.time()
+    world, device = dist.setup(opts.device)
+    try:
+        return _evaluate(opts, world, device, t_start)
+    finally:
+        dist.finish(world)
+
+
+def _evaluate(opts: EvalOptions, world: dist.World, device: str, t_start: float) -> dict:
+    torch.manual_seed(opts.seed)
+    source = ModelSource(opts.model, device=device, dtype=_dtype(opts.dtype))
+    ctx = opts.train_context or source.training_context()
+    recipe = resolve(opts.recipe, ctx)
+    sections = [s for s in ("perplexity",) + TASKS if s in recipe and (opts.sections is None or s in opts.sections)]
+    if not sections:
+        raise MCError("nothing to run: the recipe has none of the selected sections")
+    variants = assemble(source, recipe.get("variants", []), opts.variants, opts.use_recipe_variants)
+    batch_size = opts.batch_size or recipe.get("batch_size", 4)
+
+    cfg = source.config()
+    codec = codec_for(source.path if source.path.is_dir() else None, cfg.vocab_size, opts.tokenizer)
+    texts = load_texts(opts.data, opts.text_field, opts.split) if opts.data else default_texts()
+    docs = tokenize_documents(texts, codec)
+
+    work: dict[str, list] = {}
+    if "perplexity" in sections:
+        body = recipe["perplexity"]
+        work["perplexity"] = perplexity.make_windows(docs, body["lengths"], body.get("windows", 4), opts.seed)
+    haystack = "\n\n".join(t for _, t in texts).encode("utf-8")
+    n_tokens = sum(len(ids) for _, ids in docs)
+    bytes_per_token = 1.0 if codec.byte_level else sum(len(t.encode()) for _, t in texts) / max(1, n_tokens)
+    for task in TASKS:
+        if task in sections:
+            work[task] = retrieval.make_items(task, recipe[task], haystack, codec, opts.seed, bytes_per_token)
+    mine = {k: dist.shard(v, world) for k, v in work.items()}
+
+    records: list[dict] = []
+    seconds: dict[str, float] = {}
+    for vi, variant in enumerate(variants):
+        t0 = time.time()
+        model = source.build(variant)
+        for sec, items in mine.items():
+            desc = f"[{vi + 1}/{len(variants)}] {variant.name}: {sec}"
+            with tqdm(total=len(items), desc=desc, disable=not (opts.progress and world.main), leave=False,
+                      unit="window" if sec == "perplexity" else "sample") as bar:
+                if sec == "perplexity":
+                    bucket = recipe["perplexity"].get("position_bucket") or max(1, (ctx or 512) // 4)
+                    records += perplexity.score_windows(model, items, bucket, device, batch_size, variant.name, bar)
+                else:
+                    records += retrieval.score_items(model, items, device, batch_size, variant.name, bar)
+        seconds[variant.name] = time.time() - t0
+        if model is not source.base():
+            del model
+            gc.collect()
+
+    records = dist.gather(records, world)
+    timing = dist.gather([seconds], world)
+    order = {v.name: i for i, v in enumerate(variants)}
+    records.sort(key=lambda r: (order[r["variant"]], r["kind"], r["length"], -1 if r.get("depth") is None else r["depth"],
+                                r.get("window", r.get("sample", 0))))
+    names = [v.name for v in variants]
+    results = {
+        "schema": SCHEMA,
+        "model": opts.model,
+        "family": getattr(cfg, "model_type", None),
+        "parameters": sum(p.numel() for p in source.base().parameters()),
+        "train_context": ctx,
+        "tokenizer": codec.name,
+        "data": opts.data or "gutenberg eval-only books (" + ", ".join(n for n, _ in texts) + ")",
+        "seed": opts.seed,
+        "batch_size": batch_size,
+        "recipe": recipe,
+        "sections": sections,
+        "variants": [v.describe() for v in variants],
+        "environment": environment(device, world),
+        "seconds": {"total": time.time() - t_start,
+                    "per_variant": {n: max(t.get(n, 0.0) for t in timing) for n in names}},
+    }
+    if "perplexity" in sections:
+        results["perplexity"] = perplexity.summarise(records, names)
+    for task in TASKS:
+        if task in sections:
+            results[task] = retrieval.summarise(records, task, names)
+    results["records"] = records
+    results["_world"] = world
+    return results

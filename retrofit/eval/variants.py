@@ -1,0 +1,145 @@
+"""The models an evaluation compares: the base checkpoint and its MC configurations.
+
+The base is loaded once; each MC variant is a deep copy converted with its own
+``MCConfig`` (cheap for the small models this runs on; one variant is alive at a time).
+A converted directory or exported file also brings its own, possibly tuned, variant.
+"""
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from mc_retrofit.config import CONFIG_NAME, MCConfig
+from mc_retrofit.errors import MCError
+from mc_retrofit.model import convert, gate_modules, load, load_base, resolve_path
+
+BASE = "base"
+OWN = "model"
+
+
+@dataclass
+class Variant:
+    """One column of the comparison. ``mc`` None is the base model."""
+
+    name: str
+    mc: MCConfig | None = None
+    source: str = "recipe"
+
+    def describe(self) -> dict:
+        return {"name": self.name, "source": self.source, "mc_config": None if self.mc is None else self.mc.to_dict()}
+
+
+def parse_variant(text: str) -> Variant:
+    """``"name=ssc4,aggregation=ssc,top_k=4"`` -> a Variant (values parsed as JSON when they can be)."""
+    fields: dict = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        if "=" not in part:
+            raise MCError(f"--variant takes key=value pairs separated by commas, not {part!r}")
+        k, v = (s.strip() for s in part.split("=", 1))
+        try:
+            fields[k.replace("-", "_")] = json.loads(v)
+        except json.JSONDecodeError:
+            fields[k.replace("-", "_")] = v
+    name = str(fields.pop("name", "")) or ",".join(f"{k}={v}" for k, v in fields.items()) or "mc"
+    return Variant(name, MCConfig.from_dict(fields), source="--variant")
+
+
+def variant_from_file(path: str) -> Variant:
+    p = Path(path)
+    if p.is_dir():
+        p = p / CONFIG_NAME
+    if not p.is_file():
+        raise MCError(f"{path} does not exist")
+    return Variant(p.parent.name if p.name == CONFIG_NAME else p.stem, MCConfig.from_json(p.read_text()),
+                   source=f"--config {path}")
+
+
+class ModelSource:
+    """Where the models come from: an original checkpoint, ``builtin:NAME``, a converted
+    directory or an exported ``.safetensors`` file."""
+
+    def __init__(self, path: str, device: str = "cpu", dtype: torch.dtype | None = None):
+        self.spec = str(path)
+        self.path = resolve_path(path)
+        self.device = device
+        self.dtype = dtype
+        self.exported = self.path.is_file()
+        self.converted = self.exported or (self.path / CONFIG_NAME).is_file()
+        self._base = None
+
+    def own_config(self) -> MCConfig | None:
+        if not self.converted:
+            return None
+        if self.exported:
+            return load(self.path).mc_config
+        return MCConfig.load(self.path)
+
+    def base(self):
+        """The unconverted base model (loaded once)."""
+        if self._base is None:
+            if self.exported:
+                # An exported file holds a converted model: with every cache weight at 0 it
+                # computes exactly what the base model computes.
+                model = load(self.path)
+                with torch.no_grad():
+                    for gate in gate_modules(model).values():
+                        gate.cache_weight.zero_()
+            else:
+                model = load_base(self.path, dtype=self.dtype)
+            self._base = model.to(self.device).eval()
+        return self._base
+
+    def build(self, variant: Variant):
+        if variant.name == BASE:
+            return self.base()
+        if variant.source == OWN:
+            return load(self.path, dtype=self.dtype).to(self.device).eval()
+        if self.exported:
+            raise MCError(
+                "an exported file can only be compared with its own configuration; give the original "
+                "checkpoint or a converted directory to evaluate other MC configurations"
+            )
+        model = convert(copy.deepcopy(self.base()), variant.mc)
+        return model.to(self.device).eval()
+
+    def config(self):
+        return self.base().config
+
+    def training_context(self) -> int | None:
+        """The context the checkpoint was trained at, where it records it."""
+        if not self.exported:
+            info = self.path / "training.json"
+            if info.is_file():
+                try:
+                    ctx = json.loads(info.read_text()).get("ctx")
+                except json.JSONDecodeError:
+                    ctx = None
+                if isinstance(ctx, int) and ctx > 0:
+                    return ctx
+        ctx = getattr(self.config(), "context_length", None)
+        return ctx if isinstance(ctx, int) and ctx > 0 else None
+
+
+def assemble(source: ModelSource, recipe_variants: list[dict], extra: list[Variant], use_recipe: bool | None = None) -> list[Variant]:
+    """Base first, then the model's own configuration (a converted input), then the
+    explicit ``--config``/``--variant`` ones; the recipe's variants when nothing explicit
+    was given (or ``use_recipe`` is True)."""
+    out = [Variant(BASE, None, source=BASE)]
+    own = source.own_config()
+    if own is not None:
+        out.append(Variant(OWN, own, source=OWN))
+    explicit = own is not None or bool(extra)
+    if use_recipe or (use_recipe is None and not explicit):
+        out += [Variant(v["name"], MCConfig.from_dict(v.get("mc", {})), source="recipe") for v in recipe_variants]
+    out += extra
+    names = [v.name for v in out]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise MCError(f"two variants are named {dup[0]!r}; give each a distinct name (name=... in --variant)")
+    if len(out) == 1:
+        raise MCError("nothing to compare with the base model: give --config, --variant or a recipe with variants")
+    return out
