@@ -7,8 +7,9 @@
 """
 from .config import MCConfig
 from .errors import MCError
+from .generation import cache_stats
 from .inspect import describe
 from .model import convert, export, load, load_base
 
-__all__ = ["MCConfig", "MCError", "convert", "load", "load_base", "export", "describe"]
+__all__ = ["MCConfig", "MCError", "convert", "load", "load_base", "export", "describe", "cache_stats"]
 __version__ = "0.1.0"

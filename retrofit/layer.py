@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from .config import MCConfig
+from .errors import MCError
 from .memory import LayerMemory
 
 _ACTIVE: contextvars.ContextVar["LayerRun | None"] = contextvars.ContextVar("mc_active_layer", default=None)
@@ -96,6 +97,12 @@ def attach(mixer: nn.Module, gate: MCGate, cache_of) -> list:
     mixer.mc_gate = gate
 
     def pre(module, args, kwargs):
+        mask = kwargs.get("attention_mask")
+        if mask is not None and not bool(mask.all()):
+            # Padding shifts every row's segment boundaries; per-row segment clocks are
+            # not implemented yet, so refuse rather than silently differ from an unpadded run.
+            raise MCError("padded batches are not supported with Memory Caching yet: "
+                          "run sequences of different lengths one at a time (or in equal-length batches)")
         hidden = args[0] if args else next(iter(kwargs.values()), None)
         holder = cache_of(args, kwargs)
         run = LayerRun(gate=gate, memory=memory_for(holder, gate.layer_idx, gate.config), hidden=hidden, cache=holder)

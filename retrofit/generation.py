@@ -1,0 +1,58 @@
+"""Generation helpers: what the cache holds, and streaming text to a terminal.
+
+Generation itself is transformers' own ``model.generate``: with ``use_cache=True`` the
+family's cache object carries the MC memory (cached states and key summaries), so the
+prompt is prefilled segment by segment and each new token reads the cached states; a
+segment that completes while decoding is cached at its boundary.
+"""
+from __future__ import annotations
+
+import codecs
+import sys
+
+from .memory import LayerMemory
+
+
+def _holder(cache):
+    # RWKV-4's cache is a list of five tensors; its memory hangs on the third.
+    if isinstance(cache, (list, tuple)):
+        return cache[2] if len(cache) > 2 else None
+    return cache
+
+
+def cache_stats(cache) -> dict:
+    """Cached segments and bytes per MC layer of a cache returned by a forward with
+    ``use_cache=True`` (``out.cache_params`` for Mamba/Mamba2, ``out.state`` for RWKV-4)."""
+    store: dict[int, LayerMemory] = getattr(_holder(cache), "_mc_memory", None) or {}
+    layers = {
+        idx: {"segments": mem.n, "bytes": mem.nbytes(), "tokens": mem.pos, "dropped": mem.dropped}
+        for idx, mem in sorted(store.items())
+    }
+    return {
+        "layers": layers,
+        "segments": sum(v["segments"] for v in layers.values()),
+        "bytes": sum(v["bytes"] for v in layers.values()),
+    }
+
+
+class ByteStreamer:
+    """A transformers streamer for byte-level models (token = UTF-8 byte, no tokenizer):
+    prints new bytes as they come, decoding UTF-8 incrementally."""
+
+    def __init__(self, out=None, skip_prompt: bool = True):
+        self.out = out or sys.stdout
+        self.skip_prompt = skip_prompt
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._prompt_seen = False
+
+    def put(self, value):
+        if self.skip_prompt and not self._prompt_seen:
+            self._prompt_seen = True
+            return
+        ids = value.reshape(-1).tolist()
+        self.out.write(self.decoder.decode(bytes(int(i) % 256 for i in ids)))
+        self.out.flush()
+
+    def end(self):
+        self.out.write(self.decoder.decode(b"", final=True) + "\n")
+        self.out.flush()
