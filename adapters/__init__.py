@@ -50,9 +50,16 @@ def _register_fla_families() -> None:
 
     if importlib.util.find_spec("fla") is None:
         return
+    from .fla_delta_net import DeltaNetAdapter
+    from .fla_gated_deltanet import GatedDeltaNetAdapter
+    from .fla_gla import GLAAdapter
+    from .fla_retnet import RetNetAdapter
+    from .fla_rwkv6 import Rwkv6Adapter
     from .fla_rwkv7 import Rwkv7Adapter
+    from .qwen3_next import Qwen3NextAdapter
 
-    for adapter in (Rwkv7Adapter(),):
+    for adapter in (DeltaNetAdapter(), GatedDeltaNetAdapter(), RetNetAdapter(), GLAAdapter(), Rwkv6Adapter(),
+                    Rwkv7Adapter(), Qwen3NextAdapter()):
         register(adapter)
 
 

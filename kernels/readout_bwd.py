@@ -187,7 +187,8 @@ def readout_bwd_state_kernel(
                          other=0.0).to(tl.float32)
             dagg = a * dy
             if AGG == 0:
-                w = _weights(nvis, mask_t, i, dy[:, 0], dy[:, 0], dy[:, 0], AGG, PREFIX)
+                none = tl.zeros([BT], dtype=tl.float32)  # no logits in residual mode
+                w = _weights(nvis, mask_t, i, none, none, none, AGG, PREFIX)
                 ds += tl.dot(tl.trans(q * w[:, None]), dagg, input_precision=DOT_PREC)
             else:
                 u = tl.load(u_ptr + b * su_b + offs_t[:, None] * su_t + h * su_h + offs_u[None, :] * su_u,

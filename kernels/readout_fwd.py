@@ -120,10 +120,10 @@ def readout_fwd_kernel(
             for i in range(0, n_hi):
                 li = _gate_logit(u, p_base + i * sp_n, offs_u * sp_u, mask_u, g)
                 li = tl.where(i < nvis, li, float("-inf"))
+                # the slot of the minimum takes max(minimum, candidate)
                 cur = tl.min(topv, 1)
                 amin = tl.argmin(topv, 1)
-                repl = (col[None, :] == amin[:, None]) & (li > cur)[:, None]
-                topv = tl.where(repl, li[:, None], topv)
+                topv = tl.where(col[None, :] == amin[:, None], tl.maximum(cur, li)[:, None], topv)
             thr = tl.min(topv, 1)
         # online softmax statistics over {online} + kept segments
         m = l0

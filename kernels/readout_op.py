@@ -110,7 +110,9 @@ def launch_forward(q, states, online, u, pooled, online_pool, n_visible, gate_sc
     lse = torch.empty(B, H, T, **f32) if save and agg else y
     thr = torch.empty(B, H, T, **f32) if save and agg else y
     tkp = max(2, triton.next_power_of_2(max(1, top_k)))
-    cast = q.dtype != states.dtype or q.dtype == torch.float32
+    # mixed or fp32 inputs: fp32 dot. Triton 3.9's interpreter computes bf16 x bf16 dots
+    # wrongly (garbage magnitudes), so under the interpreter bf16 is cast as well.
+    cast = q.dtype != states.dtype or q.dtype == torch.float32 or (interpreting() and q.dtype == torch.bfloat16)
     grid = (triton.cdiv(T, BT), B * H, triton.cdiv(V, BV))
     readout_fwd_kernel[grid](
         q, states, online, u, pooled, online_pool, n_visible, gate_scale, mix,

@@ -84,7 +84,33 @@ def build_config(config_file=None, layers=None, **values) -> MCConfig:
     return MCConfig.from_dict(base)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+# Commands that live in their own modules (one module per command, so work on them does
+# not collide): each defines a click command named ``command``. Loaded lazily, so that
+# importing them cannot cycle back into this module while it is still initialising.
+LAZY_COMMANDS = {"eval": "eval_cli", "finetune": "finetune_cli", "generate": "generate_cli"}
+
+
+class LazyGroup(click.Group):
+    def _lazy(self, name):
+        module = LAZY_COMMANDS.get(name)
+        if module is None:
+            return None
+        try:
+            return importlib.import_module(f"mc_retrofit.{module}").command
+        except ModuleNotFoundError as e:
+            if e.name != f"mc_retrofit.{module}":
+                raise
+            return None  # that command is not part of this installation
+
+    def list_commands(self, ctx):
+        lazy = [n for n in LAZY_COMMANDS if self._lazy(n) is not None]
+        return sorted(set(super().list_commands(ctx)) | set(lazy))
+
+    def get_command(self, ctx, name):
+        return super().get_command(ctx, name) or self._lazy(name)
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="mc-retrofit")
 def main():
     """Give already-trained recurrent LMs a growing memory (Memory Caching)."""
@@ -171,18 +197,6 @@ def export(src, out, force):
     model = m.load(src)
     m.export(model, out, force=force)
     click.echo(f"exported {src} -> {out}")
-
-
-# Commands that live in their own modules (one module per command, so work on them
-# does not collide): each defines a click command named ``command``.
-for _name in ("eval_cli", "finetune_cli", "generate_cli"):
-    try:
-        _mod = importlib.import_module(f"mc_retrofit.{_name}")
-    except ModuleNotFoundError as _e:
-        if _e.name != f"mc_retrofit.{_name}":
-            raise
-        continue
-    main.add_command(_mod.command)
 
 
 if __name__ == "__main__":

@@ -63,6 +63,8 @@ class OpSpec:
     scale: Callable[[dict], float]
     layout: Callable[[dict], str]
     prepare: Callable[[dict], None] | None = None
+    fp32_state: bool = False  # the op asserts an fp32 initial state (GLA's chunk op)
+    positional: tuple[str, ...] = ()  # passed positionally (callers name them differently)
 
 
 def _bind(original, args, kwargs) -> dict:
@@ -99,10 +101,13 @@ def mc_op(spec: OpSpec):
 
             def run_piece(a, b, state):
                 piece = dict(call)
+                if spec.fp32_state and state is not None:
+                    state = state.float()
                 for name in spec.time_args:
                     if piece.get(name) is not None:
                         piece[name] = piece[name][:, a:b]
-                o, final = original(**piece, initial_state=state)
+                lead = [piece.pop(n) for n in spec.positional]
+                o, final = original(*lead, **piece, initial_state=state)
                 return o, final
 
             q = spec.query(call)
@@ -147,7 +152,17 @@ class FlaAdapter(Adapter):
         return list(enumerate(found))
 
     def check_mixer(self, mixer) -> None:
-        """Refuse a layer configuration Memory Caching cannot read (one line)."""
+        """Refuse (one-line MCError) or switch a layer mode Memory Caching cannot read."""
+
+    @staticmethod
+    def switch_mode(mixer, bad: str, good: str, why: str) -> None:
+        """Run a layer in mode ``good`` instead of ``bad`` (same outputs), with a warning."""
+        if getattr(mixer, "mode", None) == bad:
+            import warnings
+
+            warnings.warn(f"{type(mixer).__name__} attn_mode {bad!r} {why}; Memory Caching runs it in {good!r} mode "
+                          "(same outputs)", stacklevel=3)
+            mixer.mode = good
 
     def cache_of(self, args, kwargs):
         return kwargs.get("past_key_values")

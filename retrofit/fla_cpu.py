@@ -241,22 +241,48 @@ def rotary_apply_ref(x, cos, sin, interleaved=False, inplace=False, seqlen_offse
 
 
 # -- activations ----------------------------------------------------------------------
-def _swish(x):
-    return (x.float() * torch.sigmoid(x.float())).to(x.dtype)
+# fla binds its activations at import (``swish = SwishFunction.apply``), so they are
+# routed one level down: the ``*_fwd`` / ``*_bwd`` helpers each Function's forward and
+# backward look up in ``fla.modules.activations.ops`` at call time.
+def _f32(fn):
+    def ref(x, *rest, **kwargs):
+        return fn(x.float(), *(r.float() if isinstance(r, torch.Tensor) else r for r in rest), **kwargs).to(x.dtype)
+
+    return ref
 
 
-ACTIVATION_REFS = {
-    "SigmoidFunction": lambda x: torch.sigmoid(x.float()).to(x.dtype),
-    "ELUPlusOneFunction": lambda x: (F.elu(x.float()) + 1.0).to(x.dtype),
-    "LogSigmoidFunction": lambda x, temperature=1.0: (F.logsigmoid(x.float()) / temperature).to(x.dtype),
-    "SwishFunction": _swish,
-    "SquaredReLUFunction": lambda x: F.relu(x).square(),
-    "SwiGLUFunction": lambda x, y: (_swish(x).float() * y.float()).to(x.dtype),
-    "SwiGLULinearFunction": lambda x, y, weight, bias: F.linear((_swish(x).float() * y.float()).to(x.dtype), weight, bias),
-    "SigmoidGLUFunction": lambda x, y: (torch.sigmoid(x.float()) * y.float()).to(x.dtype),
-    "GeLUFunction": lambda x, bias: F.gelu(x + bias, approximate="tanh"),
-    "FastGeLUFunction": lambda x: F.gelu(x, approximate="tanh"),
+_ACT_FWD = {
+    "sigmoid_fwd": lambda x, output_contiguous=False: torch.sigmoid(x),
+    "elu_p1_fwd": lambda x: F.elu(x) + 1.0,
+    "logsigmoid_fwd": lambda x, temperature=1.0, output_contiguous=False: F.logsigmoid(x) / temperature,
+    "swish_fwd": lambda x, output_contiguous=False: F.silu(x),
+    "sqrelu_fwd": lambda x: F.relu(x).square(),
+    "swiglu_fwd": lambda x, y, output_contiguous=False: F.silu(x) * y,
+    "sigmoidglu_fwd": lambda x, y, output_contiguous=False: torch.sigmoid(x) * y,
 }
+
+
+def _grad_of(fwd):
+    """``*_bwd(x, dy, ...)`` of a one-input activation, by autograd through its reference."""
+
+    def bwd(x, dy, *args, **kwargs):
+        kwargs.pop("output_contiguous", None)
+        with torch.enable_grad():
+            xr = x.detach().float().requires_grad_(True)
+            (dx,) = torch.autograd.grad(fwd(xr, *args, **kwargs), xr, dy.float())
+        return dx.to(x.dtype)
+
+    return bwd
+
+
+ACTIVATION_REFS = {name: _f32(fn) for name, fn in _ACT_FWD.items()}
+ACTIVATION_REFS.update({
+    "sigmoid_bwd": _grad_of(_ACT_FWD["sigmoid_fwd"]),
+    "elu_p1_bwd": _grad_of(_ACT_FWD["elu_p1_fwd"]),
+    "logsigmoid_bwd": _grad_of(_ACT_FWD["logsigmoid_fwd"]),
+    "swish_bwd": _grad_of(_ACT_FWD["swish_fwd"]),
+    "sqrelu_bwd": lambda g, x: (2.0 * g.float() * F.relu(x.float())).to(x.dtype),
+})
 
 
 # -- recurrences (torch references, fp32 inside) -------------------------------------
@@ -439,7 +465,6 @@ RECURRENCES = {
 
 def _autograd_leaf_ops():
     """(Function class, CPU reference) for fla's autograd-Function leaf ops."""
-    from fla.modules.activations import ops as act
     from fla.modules.causal_conv1d.ops import CausalConv1dFunction
     from fla.modules.norm.fused_norm_gate import LayerNormGatedFunction
     from fla.modules.norm.l2norm import L2NormFunction
@@ -461,7 +486,6 @@ def _autograd_leaf_ops():
         (KUpdateFunction, lambda k, a, ka, cu_seqlens=None, cu_seqlens_cpu=None: k_update_ref(k, a, ka)),
         (GateOutputCorrection, gate_output_correction_ref),
     ]
-    ops += [(getattr(act, name), ref) for name, ref in ACTIVATION_REFS.items() if hasattr(act, name)]
     return ops
 
 
@@ -474,6 +498,8 @@ def enable() -> None:
     for cls, ref in _autograd_leaf_ops():
         _route_apply(cls, ref)
     _route_global("fla.modules.causal_conv1d.ops", "causal_conv1d_update", causal_conv1d_update_ref)
+    for name, ref in ACTIVATION_REFS.items():
+        _route_global("fla.modules.activations.ops", name, ref)
     for module_name, names in RECURRENCES.items():
         for name, ref in names.items():
             _route_global(module_name, name, ref)

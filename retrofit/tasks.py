@@ -34,6 +34,9 @@ Scoring text samples (exact match, greedy):
 - ``exact_match(pred: bytes, sample) -> float``: for an answer produced by any other decoder.
 - ``text_accuracy(model, samples, device="cpu", batch_size=8) -> float``: runs a causal LM
   (``model(input_ids).logits``) on every sample and averages ``score_logits``.
+- ``bits_per_byte(model, data: bytes, window=512, device="cpu", batch_size=8) -> float``: mean
+  next-byte cross-entropy in bits over non-overlapping ``window``-byte pieces of ``data``,
+  each read from an empty state (the first byte of each piece is not scored).
 
 MQAR (Zoology's multi-query associative recall, Arora et al. 2023), token ids not bytes:
 - ``mqar(n, seq_len, n_pairs, vocab_size=128, n_queries=None, seed=0, power_a=0.01,
@@ -285,6 +288,24 @@ def text_accuracy(model, samples: list[TextSample], device="cpu", batch_size: in
             logits = model(input_ids=ids).logits.float().cpu()
             scores += [score_logits(lg, s) for lg, s in zip(logits, chunk)]
     return sum(scores) / len(scores)
+
+
+@torch.no_grad()
+def bits_per_byte(model, data: bytes, window: int = 512, device="cpu", batch_size: int = 8) -> float:
+    """Held-out bits/byte of a byte-level causal LM (see the module docstring)."""
+    n = len(data) // window
+    if n == 0:
+        raise MCError(f"{len(data)} bytes is less than one window of {window}")
+    ids = torch.tensor(list(data[: n * window]), dtype=torch.long).view(n, window)
+    total, count = 0.0, 0
+    for i in range(0, n, batch_size):
+        x = ids[i:i + batch_size].to(device)
+        logits = model(input_ids=x).logits.float()
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1),
+                                                 reduction="sum")
+        total += float(loss)
+        count += x[:, 1:].numel()
+    return total / count / float(np.log(2))
 
 
 # -- MQAR ---------------------------------------------------------------------------------------

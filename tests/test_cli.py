@@ -146,7 +146,7 @@ def test_export_of_unconverted_dir(orig, tmp_path):
 
 def test_console_script_end_to_end(orig, tmp_path):
     """The installed entry point, in a real process: one line on stderr, exit 1."""
-    exe = [sys.executable, "-m", "mc_retrofit.cli"]
+    exe = [sys.executable, "-m", "mc_retrofit"]
     p = subprocess.run(exe + ["convert", str(tmp_path / "missing"), "--out", str(tmp_path / "o")],
                        capture_output=True, text=True, env={**os.environ, "MC_RETROFIT_DEBUG": ""})
     assert p.returncode == 1 and p.stderr.strip().count("\n") == 0 and "does not exist" in p.stderr

@@ -56,12 +56,18 @@ def make_items(task: str, body: dict, haystack: bytes, codec: Codec, seed: int,
     depths = body.get("depths") or [None]
     items = []
     for L in body["lengths"]:
-        n_bytes = max(2, int(round(L * bytes_per_token)))
         for d in depths:
             for i in range(body.get("samples", 4)):
-                rng = random.Random(f"{seed}:{task}:{L}:{d}:{i}")
-                s = _generate(task, haystack, n_bytes, rng, d, body)
-                prompt, answer = codec.encode(s.prompt), codec.encode(s.answer)
+                n_bytes = max(2, int(round(L * bytes_per_token)))
+                for _ in range(1 if codec.byte_level else 3):
+                    # A tokenizer packs filler and needles differently: rescale the byte
+                    # length until the sample has about L tokens (same seed each time).
+                    s = _generate(task, haystack, n_bytes, random.Random(f"{seed}:{task}:{L}:{d}:{i}"), d, body)
+                    prompt, answer = codec.encode(s.prompt), codec.encode(s.answer)
+                    n_tok = len(prompt) + len(answer)
+                    if n_tok == L:
+                        break
+                    n_bytes = max(2, int(round(n_bytes * L / n_tok)))
                 ids = torch.tensor(prompt + answer, dtype=torch.long)
                 meta = {k: v for k, v in s.meta.items() if k in ("needle_offsets", "depth", "name")}
                 meta["answer"] = s.answer.decode()

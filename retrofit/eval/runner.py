@@ -153,5 +153,4 @@ def _evaluate(opts: EvalOptions, world: dist.World, device: str, t_start: float)
         if task in sections:
             results[task] = retrieval.summarise(records, task, names)
     results["records"] = records
-    results["_world"] = world
     return results

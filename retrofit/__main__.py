@@ -1,0 +1,3 @@
+from mc_retrofit.cli import main
+
+main()

@@ -1,0 +1,78 @@
+"""``mc-retrofit eval``: the base model and MC configurations side by side (perplexity by
+position and length, pass-key, multi-key and variable-tracking recall)."""
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import click
+
+from .cli import friendly
+
+SECTIONS = ("perplexity", "passkey", "multikey", "variable_tracking")
+
+
+@click.command(name="eval")
+@click.argument("model")
+@click.option("--recipe", default="default", show_default=True,
+              help="Evaluation suite: a name in recipes/eval (smoke, default, long, sweep) or a .json path.")
+@click.option("--config", "configs", multiple=True, type=click.Path(),
+              help="An mc_config.json (or converted directory) to compare; repeatable.")
+@click.option("--variant", "variant_specs", multiple=True,
+              help="An MC variant as key=value pairs, e.g. 'name=ssc4,aggregation=ssc,top_k=4,segment_size=128'; repeatable.")
+@click.option("--recipe-variants/--no-recipe-variants", default=None,
+              help="Also run the recipe's variants (default: only when no --config/--variant is given and MODEL is not converted).")
+@click.option("--only", help=f"Comma-separated sections to run ({', '.join(SECTIONS)}); default: all in the recipe.")
+@click.option("--out", type=click.Path(file_okay=False), help="Output folder (default eval-results/MODEL-RECIPE).")
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed for windows and samples.")
+@click.option("--data", type=click.Path(), help="Long documents: .txt file or folder, .jsonl, or a saved datasets dataset (default: the eval-only Gutenberg books).")
+@click.option("--text-field", default="text", show_default=True, help="Text column of a .jsonl file or dataset.")
+@click.option("--split", help="Split of a saved DatasetDict (default test, validation or train).")
+@click.option("--tokenizer", help="'bytes', or a tokenizer path (default: the checkpoint's own, else bytes for vocab 256).")
+@click.option("--train-context", type=click.IntRange(min=1), help="Training context in tokens, for lengths written as '4x' (default: from training.json or the config).")
+@click.option("--batch-size", type=click.IntRange(min=1), help="Windows/samples per forward (default: the recipe's).")
+@click.option("--device", help="cpu, cuda, cuda:1 ... (default: the local GPU, else cpu).")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), help="Load the model in this dtype.")
+@click.option("--plots/--no-plots", default=True, show_default=True, help="Write PNG plots.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+@friendly
+def command(model, recipe, configs, variant_specs, recipe_variants, only, out, seed, data, text_field, split,
+            tokenizer, train_context, batch_size, device, dtype, plots, quiet):
+    """Evaluate MODEL (checkpoint dir, builtin:NAME, converted dir or exported file): the base
+    model and MC variants on the same long documents and recall prompts."""
+    import torch
+
+    from mc_retrofit.errors import MCError
+
+    from .eval import EvalOptions, evaluate, load_recipe, markdown, parse_variant, variant_from_file, write_json
+    from .eval import plots as make_plots
+
+    torch.set_flush_denormal(True)
+    sections = None
+    if only:
+        sections = [s.strip() for s in only.split(",") if s.strip()]
+        bad = [s for s in sections if s not in SECTIONS]
+        if bad:
+            raise MCError(f"--only takes {', '.join(SECTIONS)}; not {', '.join(bad)}")
+    rec = load_recipe(recipe)
+    extra = [variant_from_file(c) for c in configs] + [parse_variant(s) for s in variant_specs]
+    opts = EvalOptions(model=model, recipe=rec, variants=extra, use_recipe_variants=recipe_variants, seed=seed,
+                       data=data, text_field=text_field, split=split, tokenizer=tokenizer, device=device, dtype=dtype,
+                       batch_size=batch_size, train_context=train_context, sections=sections, progress=not quiet)
+    out_dir = Path(out) if out else Path("eval-results") / f"{_slug(model)}-{rec['name']}"
+    results = evaluate(opts)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
+    out_dir.mkdir(parents=True, exist_ok=True)
+    table = markdown(results)
+    (out_dir / "results.md").write_text(table + "\n")
+    write_json(results, out_dir / "results.json")
+    written = make_plots(results, out_dir) if plots else []
+    click.echo(table)
+    click.echo(f"wrote {out_dir / 'results.json'}, {out_dir / 'results.md'}"
+               + "".join(f", {p}" for p in written) + f" ({results['seconds']['total']:.0f} s)")
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", Path(text.replace("builtin:", "builtin-")).name).strip("-") or "model"

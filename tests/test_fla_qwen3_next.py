@@ -1,0 +1,48 @@
+"""Qwen3-Next (transformers hybrid): its Gated DeltaNet layers get Memory Caching, the
+full-attention layers are untouched; cached decoding equals the full forward."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.filterwarnings("ignore:Triton is not supported")
+
+
+def _tiny(seed=0):
+    from transformers import Qwen3NextConfig
+
+    from mc_retrofit.adapters import adapter_by_family
+
+    cls = adapter_by_family("qwen3_next").model_class()
+    cfg = Qwen3NextConfig(
+        vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+        head_dim=16, linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=8,
+        linear_value_head_dim=8, intermediate_size=64, moe_intermediate_size=32, shared_expert_intermediate_size=32,
+        num_experts=2, num_experts_per_tok=1, layer_types=["linear_attention", "full_attention"])
+    torch.manual_seed(seed)
+    return cls(cfg).eval()
+
+
+def test_qwen3_next_gdn_layers_get_mc():
+    pytest.importorskip("fla")
+    import mc_retrofit as mc
+    from mc_retrofit.model import gate_modules
+
+    ids = torch.randint(0, 64, (2, 20), generator=torch.Generator().manual_seed(0))
+    model = _tiny()
+    with torch.no_grad():
+        base = model(ids).logits
+    mc.convert(model, mc.MCConfig(segment_size=6))
+    gates = gate_modules(model)
+    assert len(gates) == 1 and all("linear_attn" in name for name in gates)  # attention layer untouched
+    with torch.no_grad():
+        full = model(ids, use_cache=False).logits
+        out = model(ids[:, :9], use_cache=True)
+        parts, cache = [out.logits], out.past_key_values
+        for t in range(9, 20):
+            out = model(ids[:, t:t + 1], past_key_values=cache, use_cache=True)
+            cache = out.past_key_values
+            parts.append(out.logits)
+    assert (full[:, :6] - base[:, :6]).abs().max() <= 1e-5
+    assert (full - base).abs().max() > 1e-3
+    assert (torch.cat(parts, 1) - full).abs().max() <= 1e-5
