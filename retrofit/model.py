@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import shutil
 import types
 from pathlib import Path
 
@@ -100,11 +101,26 @@ def save_converted(model, directory, force: bool = False, **kwargs):
     adapter_of(model).prepare_save(model)
     gates = {k: v.detach().contiguous().cpu() for k, v in gate_state_dict(model).items()}
     with atomic_dir(directory, force=force) as tmp:
-        with _gates_detached(model):
+        with _gates_detached(model), _quiet_transformers():
             type(model).save_pretrained(model, tmp, **kwargs)
         model.mc_config.save(tmp)
+        _copy_side_files(getattr(model, "mc_source_dir", None), tmp)
         save_file(gates, str(tmp / GATES_NAME), metadata={"format": "pt", "mc_retrofit": EXPORT_FORMAT})
     return Path(directory)
+
+
+# Files a checkpoint directory may carry that the model's own save does not write.
+SIDE_FILES = ("training.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
+              "merges.txt", "tokenizer.model", "LICENSE", "README.md")
+
+
+def _copy_side_files(source, target: Path) -> None:
+    if not source:
+        return
+    for name in SIDE_FILES:
+        src = Path(source) / name
+        if src.is_file() and not (target / name).exists():
+            shutil.copyfile(src, target / name)
 
 
 def resolve_path(path: str | Path) -> Path:
@@ -187,6 +203,7 @@ def load_base(path: str | Path, dtype: torch.dtype | None = None):
     if missing:
         raise MCError(f"{directory} is missing {len(missing)} weight(s), e.g. {missing[0]}; the checkpoint is incomplete")
     model.eval()
+    model.mc_source_dir = str(directory)  # save_converted carries its side files along
     return model
 
 

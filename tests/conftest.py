@@ -9,6 +9,8 @@ import pytest
 import torch
 
 torch.set_flush_denormal(True)  # tiny random models hit denormals on CPU
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)  # one thread per xdist worker: oversubscribed cores run 10-100x slower
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("MC_RETROFIT_SHARED", ROOT.parent / "shared"))

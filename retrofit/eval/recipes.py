@@ -21,7 +21,12 @@ from pathlib import Path
 
 from mc_retrofit.errors import MCError
 
-RECIPE_DIR = Path(__file__).resolve().parents[2] / "recipes" / "eval"
+try:  # recipes/eval ships as package data (mc_retrofit.eval_recipes), so wheels have it too
+    from mc_retrofit import eval_recipes as _recipes
+
+    RECIPE_DIR = Path(_recipes.__file__).resolve().parent
+except ImportError:  # a source tree that is not installed
+    RECIPE_DIR = Path(__file__).resolve().parents[2] / "recipes" / "eval"
 TASKS = ("passkey", "multikey", "variable_tracking")
 SECTIONS = ("perplexity",) + TASKS
 TOP_KEYS = {"name", "description", "batch_size", "variants", "seed"} | set(SECTIONS)

@@ -1,0 +1,1 @@
+"""Evaluation recipes (JSON), shipped as package data: `mc-retrofit eval --recipe NAME`."""
