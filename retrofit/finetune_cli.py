@@ -1,0 +1,58 @@
+"""``mc-retrofit finetune``: train only the MC gate parameters for length extrapolation."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from .cli import build_config, friendly, mc_options
+from .errors import MCError
+
+# Fine-tuning starts from exactly the base model (cache_weight 0) with a learned connector.
+FINETUNE_DEFAULTS = {"cache_weight": 0.0, "gate_source": "learned"}
+
+
+@click.command(name="finetune")
+@click.argument("model_path", metavar="MODEL")
+@click.option("--data", required=True, help="A .txt file or a folder of .txt files (evaluation-only books skipped).")
+@click.option("--out", required=True, type=click.Path(), help="Directory to write the fine-tuned converted model to.")
+@click.option("--steps", type=click.IntRange(min=1), default=200, show_default=True)
+@click.option("--seq-len", type=click.IntRange(min=1), default=2048, show_default=True, help="Bytes per window.")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-2, show_default=True)
+@click.option("--batch", type=click.IntRange(min=1), default=4, show_default=True)
+@click.option("--warmup", type=click.IntRange(min=0), default=20, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--eval-every", type=click.IntRange(min=0), default=50, show_default=True,
+              help="Held-out loss (and checkpoint) every N steps; 0 = only at the end.")
+@click.option("--resume", is_flag=True, help="Continue from <out>.checkpoint.")
+@click.option("--force", is_flag=True, help="Overwrite --out if it exists.")
+@mc_options
+@friendly
+def command(model_path, data, out, steps, seq_len, lr, batch, warmup, seed, eval_every, resume, force, **mc):
+    """Train only the Memory Caching gates of MODEL (original checkpoint or converted dir) on --data."""
+    import torch
+
+    from . import model as m
+    from .files import check_target
+    from .finetune import finetune, read_texts
+
+    if not Path(data).exists():
+        raise MCError(f"data path {data} does not exist")
+    if not force:
+        check_target(Path(out).absolute(), force)
+    read_texts(data)  # bad or empty data fails before any weight is loaded
+    p = m.resolve_path(model_path)
+    converted = p.is_file() or (p / "mc_config.json").is_file()
+    if converted:
+        if any(v is not None for v in mc.values()):
+            raise MCError(f"{model_path} is already converted; MC options apply only to an original checkpoint")
+        model = m.load(p)
+    else:
+        defaults = {} if mc.get("config_file") else FINETUNE_DEFAULTS  # a --config file's values win
+        values = {**defaults, **{k: v for k, v in mc.items() if v is not None}}
+        model = m.convert(m.load_base(p), build_config(**values))
+    torch.manual_seed(seed)
+    result = finetune(model, data, steps=steps, seq_len=seq_len, lr=lr, batch=batch, warmup=warmup, seed=seed,
+                      out=out, eval_every=eval_every, resume=resume, force=force, log=click.echo)
+    click.echo(f"finetuned {model_path} for {result['step']} steps: train loss {result['train_loss']:.4f}, "
+               f"held-out loss {result['heldout_loss']:.4f} nats/byte -> {out}")
