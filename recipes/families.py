@@ -56,6 +56,39 @@ def _fla_classes(family: str):
     return getattr(fla.models, cfg), getattr(fla.models, model)
 
 
+def _glu_fwdbwd_ref(act):
+    """Torch reference of fla's ``*glu_fwdbwd(x, y, g, use_weight)``: the gradients of
+    ``act(x) * y`` (and the product itself when ``use_weight``), fp32 inside."""
+
+    def fwdbwd(x, y, g, use_weight=False, output_contiguous=False):
+        with torch.enable_grad():
+            xr, yr = x.detach().float().requires_grad_(True), y.detach().float().requires_grad_(True)
+            z = act(xr) * yr
+            dx, dy = torch.autograd.grad(z, (xr, yr), g.float())
+        out = (dx.to(x.dtype), dy.to(y.dtype))
+        return out + (z.detach().to(x.dtype),) if use_weight else out
+
+    return fwdbwd
+
+
+def _route_glu_backward() -> None:
+    """Training on CPU needs the backward of fla's gated MLP activation, which
+    ``mc_retrofit.fla_cpu`` (written for inference) leaves on Triton: route it here."""
+    from fla.modules.activations import ops
+
+    for name, act in (("swiglu_fwdbwd", torch.nn.functional.silu), ("sigmoidglu_fwdbwd", torch.sigmoid)):
+        original = getattr(ops, name, None)
+        if original is None or getattr(original, "_recipe_cpu_route", False):
+            continue
+        ref = _glu_fwdbwd_ref(act)
+
+        def routed(x, *args, _original=original, _ref=ref, **kwargs):
+            return (_ref if x.device.type == "cpu" else _original)(x, *args, **kwargs)
+
+        routed._recipe_cpu_route = True
+        setattr(ops, name, routed)
+
+
 def enable_fla_cpu() -> None:
     """Route fla's Triton ops to torch on CPU, or say clearly why fla cannot run here."""
     if torch.cuda.is_available():
@@ -65,6 +98,7 @@ def enable_fla_cpu() -> None:
     except ImportError:
         raise MCError("fla families need a CUDA GPU or mc_retrofit.fla_cpu (not installed)") from None
     fla_cpu.enable()
+    _route_glu_backward()
 
 
 def classes(family: str):

@@ -188,6 +188,10 @@ def train(cfg: dict, out: str | Path, force: bool = False, quiet: bool = False) 
                  "passkey_frac": cfg["passkey_frac"], "multikey_frac": cfg["multikey_frac"]},
         "recipe": cfg, "log_columns": ["step", "seconds", "text_bits_per_byte", "recall_answer_byte_accuracy"], "log": log, "val_bits_per_byte": val_bpb,
     }
+    if cfg["init_from"]:  # keep the chain of earlier training runs with the checkpoint
+        parent = Path(cfg["init_from"]) / "training.json"
+        earlier = json.loads(parent.read_text()) if parent.is_file() else {}
+        record["init"] = {"from": str(cfg["init_from"]), "training": {k: v for k, v in earlier.items() if k != "log"}}
     record.update(evaluate(model, cfg, train_corpus, device))
     common.save(model, record, out, force)
     return record

@@ -5,8 +5,9 @@ Usage:
 
 The task is ``mc_retrofit.tasks.mqar`` (Zoology's MQAR: ``n_pairs`` key-value pairs, then
 queries for the keys at power-law gaps; vocabulary ``vocab_size``), at ``seq_len`` tokens. Each
-step draws a fresh batch; the number of pairs per batch is drawn from ``pairs_range`` so the
-model learns to store every count up to ``n_pairs``. The loss is cross-entropy on the queried
+step draws a fresh batch; the number of pairs per batch is drawn from ``pairs_range`` (its top
+growing over the first ``pairs_curriculum_frac`` of training) so the model learns to store
+every count up to ``n_pairs``. The loss is cross-entropy on the queried
 positions only. Training stops at ``steps``, at ``max_minutes``, or when recall on a fixed
 validation batch at the training setting reaches ``target_accuracy``.
 
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import math
 import random
 import sys
@@ -38,9 +40,13 @@ from mc_retrofit.errors import MCError  # noqa: E402
 
 DEFAULTS = dict(
     family="mamba2", model={"hidden_size": 64, "num_hidden_layers": 2}, vocab_size=128, seq_len=64, n_pairs=8,
-    pairs_range=[1, 8], batch_size=64, steps=3000, max_minutes=None, lr=3e-3, min_lr_frac=0.05, warmup=50,
+    pairs_range=[1, 8], pairs_curriculum_frac=0.0, random_non_queries=True, batch_size=64, steps=3000,
+    max_minutes=None, lr=3e-3, min_lr_frac=0.05, warmup=50,
     weight_decay=0.1, grad_clip=1.0, seed=0, target_accuracy=0.99, check_every=50, log_every=25,
-    eval_samples=256, eval_grid=[[64, 8], [128, 8], [256, 8], [512, 8], [64, 16], [128, 16], [128, 32], [256, 32]],
+    eval_samples=256,
+    # [seq_len, n_pairs] or [seq_len, n_pairs, random_non_queries]: longer, more pairs, noisier than trained.
+    eval_grid=[[64, 8], [128, 8], [256, 8], [512, 8], [1024, 8], [64, 16], [128, 16], [128, 32], [256, 32],
+               [64, 8, True], [256, 8, True], [1024, 8, True]],
     threads=None, device=None,
 )
 VAL_SEED, EVAL_SEED = 1, 100  # training batches use seeds from 10**6 up: never the same sequences
@@ -64,8 +70,12 @@ def scan_context(family: str):
 
 
 @torch.no_grad()
-def accuracy(model, cfg: dict, seq_len: int, n_pairs: int, seed: int, device) -> float:
-    batch = tasks.mqar(cfg["eval_samples"], seq_len, n_pairs, vocab_size=cfg["vocab_size"], seed=seed)
+def accuracy(model, cfg: dict, seq_len: int, n_pairs: int, seed: int, device, noise: bool | None = None) -> float:
+    """Recall on ``cfg["eval_samples"]`` sequences; ``noise`` (default: as trained) fills the
+    gaps with random tokens instead of zeros."""
+    noise = cfg["random_non_queries"] if noise is None else noise
+    batch = tasks.mqar(cfg["eval_samples"], seq_len, n_pairs, vocab_size=cfg["vocab_size"], seed=seed,
+                       random_non_queries=noise)
     correct = total = 0
     for i in range(0, cfg["eval_samples"], 64):
         part = tasks.MQARBatch(*(t[i:i + 64] for t in (batch.inputs, batch.targets, batch.mask)))
@@ -74,6 +84,42 @@ def accuracy(model, cfg: dict, seq_len: int, n_pairs: int, seed: int, device) ->
         correct += tasks.mqar_accuracy(logits, part) * n
         total += n
     return correct / total
+
+
+def pairs_max(cfg: dict, progress: float) -> int:
+    """Most pairs in a training batch: grows from the low end of ``pairs_range`` to its high
+    end over the first ``pairs_curriculum_frac`` of training (at once when 0)."""
+    lo, hi = cfg["pairs_range"]
+    frac = cfg["pairs_curriculum_frac"]
+    ramp = min(1.0, progress / frac) if frac > 0 else 1.0
+    return max(lo, round(lo + ramp * (hi - lo)))
+
+
+def evaluate_grid(model, cfg: dict, device) -> list[dict]:
+    rows = []
+    for entry in tqdm(cfg["eval_grid"], desc="eval grid", leave=False):
+        L, k = entry[:2]
+        noise = bool(entry[2]) if len(entry) > 2 else cfg["random_non_queries"]
+        rows.append({"seq_len": L, "n_pairs": k, "random_non_queries": noise,
+                     "accuracy": accuracy(model, cfg, L, k, EVAL_SEED, device, noise)})
+    return rows
+
+
+def reevaluate(path: str | Path, update: bool = False) -> list[dict]:
+    """Measure the current default ``eval_grid`` on a checkpoint this recipe wrote (for one
+    trained before a setting was added); with ``update``, store it in its training.json."""
+    path = Path(path)
+    record = json.loads((path / "training.json").read_text())
+    cfg = {**DEFAULTS, **record["recipe"], "eval_grid": DEFAULTS["eval_grid"]}
+    device = common.setup(cfg)
+    model = families.load(path).to(device)
+    with scan_context(cfg["family"]):
+        grid = evaluate_grid(model, cfg, device)
+    if update:
+        record["eval"]["grid"] = grid
+        record["recipe"]["eval_grid"] = cfg["eval_grid"]
+        (path / "training.json").write_text(json.dumps(record, indent=1) + "\n")
+    return grid
 
 
 def lr_at(cfg: dict, step: int, progress: float) -> float:
@@ -100,7 +146,8 @@ def train(cfg: dict, out: str | Path, force: bool = False, quiet: bool = False) 
             progress = max(step / cfg["steps"], (time.time() - t0) / limit if limit else 0.0)
             for g in opt.param_groups:
                 g["lr"] = lr_at(cfg, step, progress)
-            b = tasks.mqar(cfg["batch_size"], cfg["seq_len"], rng.randint(lo, hi), vocab_size=cfg["vocab_size"],
+            b = tasks.mqar(cfg["batch_size"], cfg["seq_len"], rng.randint(lo, pairs_max(cfg, progress)),
+                           vocab_size=cfg["vocab_size"], random_non_queries=cfg["random_non_queries"],
                            seed=10**6 + cfg["seed"] * 10**7 + step)
             logits = model(input_ids=b.inputs.to(device)).logits.float()
             loss = F.cross_entropy(logits[b.mask.to(device)], b.targets[b.mask].to(device))
@@ -123,8 +170,7 @@ def train(cfg: dict, out: str | Path, force: bool = False, quiet: bool = False) 
                     break
         bar.close()
         model.eval()
-        grid = [{"seq_len": L, "n_pairs": k, "accuracy": accuracy(model, cfg, L, k, EVAL_SEED, device)}
-                for L, k in cfg["eval_grid"]]
+        grid = evaluate_grid(model, cfg, device)
     record = {
         "family": cfg["family"], "task": "mqar", "params": families.n_params(model), "seq_len": cfg["seq_len"],
         "n_pairs": cfg["n_pairs"], "vocab_size": cfg["vocab_size"], "steps": step,
@@ -140,17 +186,29 @@ def train(cfg: dict, out: str | Path, force: bool = False, quiet: bool = False) 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("config", nargs="?", help="JSON recipe config (keys: see DEFAULTS)")
-    p.add_argument("--out", required=True, help="output directory (Hugging Face format)")
+    p.add_argument("--out", help="output directory (Hugging Face format)")
+    p.add_argument("--evaluate", metavar="DIR", help="only re-measure the grid of a checkpoint this recipe wrote")
+    p.add_argument("--update", action="store_true", help="with --evaluate: store the grid in its training.json")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     p.add_argument("--force", action="store_true", help="overwrite --out")
     args = p.parse_args(argv)
+    if args.evaluate:
+        print_grid(reevaluate(args.evaluate, args.update))
+        return
+    if not args.out:
+        p.error("--out is required to train")
     try:
         rec = train(common.load_config(DEFAULTS, args.config, args.set), args.out, args.force)
     except MCError as e:
         sys.exit(f"error: {e}")
     print(f"{rec['family']} MQAR: {rec['steps']} steps, {rec['minutes']} min")
-    for row in rec["eval"]["grid"]:
-        print(f"  seq_len {row['seq_len']:5d}  pairs {row['n_pairs']:3d}  accuracy {row['accuracy']:.3f}")
+    print_grid(rec["eval"]["grid"])
+
+
+def print_grid(grid: list[dict]) -> None:
+    for row in grid:
+        fill = "noise" if row.get("random_non_queries") else "zeros"
+        print(f"  seq_len {row['seq_len']:5d}  pairs {row['n_pairs']:3d}  {fill}  accuracy {row['accuracy']:.3f}")
 
 
 if __name__ == "__main__":
