@@ -86,6 +86,7 @@ def _state_update(orig, run, state, hidden_states, dt, A, B, C, D=None, z=None, 
 class MambaAdapter(Adapter):
     family = "mamba"
     model_types = ("mamba",)
+    supports_padding = True
     description = "query C_t; key summary mean B_t; read h_i C_t before the D skip and silu(z)"
 
     def model_class(self):

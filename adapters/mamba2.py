@@ -64,6 +64,7 @@ def _state_update(orig, run, state, hidden_states, dt, A, B, C, D=None, **kw):
 class Mamba2Adapter(Adapter):
     family = "mamba2"
     model_types = ("mamba2",)
+    supports_padding = True
     description = "query C_t; key summary mean B_t; read S_i C_t before the D skip and gated norm"
 
     def model_class(self):

@@ -39,7 +39,9 @@ def readout(q, states, online, u, pooled, online_pool, n_visible, *, aggregation
     :func:`mc_retrofit.core.readout_reference` for shapes and semantics."""
     kwargs = dict(aggregation=aggregation, top_k=top_k, scale=scale, gate_scale=gate_scale, mix=mix,
                   online_bias=online_bias, layout=layout)
-    if states is None or states.shape[1] == 0 or not use_triton(q):
+    # Per-row visibility ([B, T]: left-padded batches whose rows hold different numbers of
+    # segments) takes the reference path; the kernels read one count per token.
+    if states is None or states.shape[1] == 0 or n_visible.dim() == 2 or not use_triton(q):
         return readout_reference(q, states, online, u, pooled, online_pool, n_visible, **kwargs)
     from .readout_op import readout_triton
 

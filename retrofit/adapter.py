@@ -41,6 +41,9 @@ class Adapter:
     family: str = ""
     model_types: tuple[str, ...] = ()
     description: str = ""  # query / key summary / read, for the docs
+    # The family's own layer honours a left-padded attention_mask (pads leave the state
+    # untouched), so Memory Caching can keep a segment clock per row.
+    supports_padding: bool = False
 
     def model_class(self):
         raise NotImplementedError

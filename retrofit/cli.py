@@ -62,6 +62,8 @@ def mc_options(fn):
         click.option("--cache-weight", type=float, help="Initial mix of the cached reads: 1 = MC, 0 = exactly the base model."),
         click.option("--layers", help="Comma-separated mixer layer indices to wrap (default: all)."),
         click.option("--max-cached-segments", type=click.IntRange(min=1), help="Keep at most this many cached segments per layer."),
+        click.option("--cache-policy", type=click.Choice(["recent", "log"]),
+                     help="Which segments a full cache keeps: the newest, or newest half + log-spaced older (default recent)."),
     ]
     for opt in reversed(opts):
         fn = opt(fn)
@@ -178,6 +180,8 @@ def inspect(path, as_json, **mc):
         ("aggregation", c["aggregation"] + (f" (top-{c['top_k']})" if c["aggregation"] == "ssc" else "")),
         ("cached segments per 1K tokens", f"{d.segments_per_1k:g}"),
         ("cache bytes per 1K tokens (per sequence)", f"{d.cache_bytes_per_1k:.0f} ({_human(d.cache_bytes_per_1k)})"),
+        ("cache cap (per sequence)", "none" if d.cache_cap_bytes is None else
+         f"{c['max_cached_segments']} segments, {c['cache_policy']} policy: at most {_human(d.cache_cap_bytes)}"),
     ]:
         table.add_row(k, v)
     Console().print(table)

@@ -22,6 +22,7 @@ AGGREGATIONS = ("residual", "gated", "ssc")
 AGGREGATION_ALIASES = {"soup": "gated", "grm": "gated", "sparse": "ssc"}
 SEGMENTATIONS = ("constant", "log")
 GATE_SOURCES = ("query", "learned")
+CACHE_POLICIES = ("recent", "log")
 
 
 @dataclass
@@ -51,8 +52,13 @@ class MCConfig:
             ``1.0`` is Memory Caching as the paper defines it; ``0.0`` is **off**: the
             model is then exactly the base model (and gate tuning starts from there).
         layers: indices of the mixer layers to wrap; ``None`` wraps all of them.
-        max_cached_segments: cap on cached segments per layer; past it the oldest are
-            dropped (the most recent ``max_cached_segments`` are kept). ``None``: no cap.
+        max_cached_segments: cap on cached segments per layer (per sequence); ``None``: no
+            cap. What is dropped past it is ``cache_policy``'s choice.
+        cache_policy: which segments a full cache keeps. ``recent``: the newest
+            ``max_cached_segments`` (the oldest are dropped first). ``log``: the newest
+            half of the cap, and older segments thinned to about two per power-of-two
+            band of age (ages 4-7, 8-15, 16-31, ... segments back), so a cap of 16 still
+            reaches about 100 segments back; when even that is over the cap, the oldest go.
         family: the model family, filled in by ``convert`` (informational).
         format_version: version of this file's format.
     """
@@ -67,6 +73,7 @@ class MCConfig:
     cache_weight: float = 1.0
     layers: list[int] | None = None
     max_cached_segments: int | None = None
+    cache_policy: str = "recent"
     family: str | None = None
     format_version: int = field(default=FORMAT_VERSION)
 
@@ -100,6 +107,8 @@ class MCConfig:
             not isinstance(self.max_cached_segments, int) or self.max_cached_segments < 1
         ):
             raise MCError(f"max_cached_segments must be a positive integer or None, not {self.max_cached_segments!r}")
+        if self.cache_policy not in CACHE_POLICIES:
+            raise MCError(f"cache_policy must be one of {', '.join(CACHE_POLICIES)}, not {self.cache_policy!r}")
         if self.format_version > FORMAT_VERSION:
             raise MCError(
                 f"mc_config format version {self.format_version} is newer than this mc-retrofit reads "

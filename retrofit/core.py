@@ -70,6 +70,31 @@ def segment_pieces(pos: int, seg_fill: int, length: int, segmentation: str, segm
     raise ValueError(f"unknown segmentation {segmentation!r}")
 
 
+def batch_pieces(reals, fills, starts, length: int, segmentation: str, segment_size: int):
+    """:func:`segment_pieces` for a batch whose rows keep their own segment clocks.
+
+    Row ``r`` has seen ``reals[r]`` real tokens, ``fills[r]`` of them in its open segment,
+    and its real tokens in this call start at ``starts[r]`` (left padding before it).
+    Returns ``(close_before_rows, spans)``: the rows whose open segment closes before the
+    call, and ``(start, end, closing_rows)`` spans that split the call at every row's
+    segment ends, so that no row crosses a boundary inside a span.
+    """
+    close_before, ends = [], {}
+    for r, (real, fill, start) in enumerate(zip(reals, fills, starts)):
+        before, pieces = segment_pieces(real, fill, length - start, segmentation, segment_size)
+        if before:
+            close_before.append(r)
+        for _, end, closes in pieces:
+            if closes:
+                ends.setdefault(start + end, []).append(r)
+    cuts = sorted(set(ends) | {length}) if length > 0 else []
+    spans, a = [], 0
+    for b in cuts:
+        spans.append((a, b, ends.get(b, [])))
+        a = b
+    return close_before, spans
+
+
 def gate_weights(
     u: torch.Tensor,
     pooled: torch.Tensor | None,
@@ -83,15 +108,16 @@ def gate_weights(
     """Aggregation weights over {online, cached 0..N-1}: ``[B, T, H, 1 + N]`` (fp32).
 
     u ``[B,T,H,U]``; pooled ``[B,N,H,U]`` (or None when N = 0); online_pool ``[B,T,H,U]``;
-    n_visible ``[T]`` (int); gate_scale ``[H]``. Invisible or unselected segments get
+    n_visible ``[T]`` or, when rows differ (padded batches), ``[B, T]`` (int); gate_scale ``[H]``. Invisible or unselected segments get
     weight exactly 0. ``residual`` gives weight 1 to the online memory and every visible
     cached segment.
     """
     B, T, H, _ = u.shape
     N = 0 if pooled is None else pooled.shape[1]
     device = u.device
-    visible = torch.arange(N, device=device)[None, :] < n_visible.to(device)[:, None]  # [T, N]
-    visible = visible[None, :, None, :]  # [1, T, 1, N]
+    nv = n_visible.to(device)
+    nv = nv if nv.dim() == 2 else nv[None]  # [1 or B, T]
+    visible = (torch.arange(N, device=device) < nv[..., None])[:, :, None, :]  # [1 or B, T, 1, N]
     if aggregation == "residual":
         cached = visible.to(torch.float32).expand(B, T, H, N)
         return torch.cat([torch.ones(B, T, H, 1, device=device), cached], dim=-1)
@@ -141,7 +167,7 @@ def readout_reference(
     mixf = mix.float().to(online.device)[None, None, :, None]
     for a in range(0, q.shape[1], _BLOCK):
         b = min(q.shape[1], a + _BLOCK)
-        nv = n_visible[a:b]
+        nv = n_visible[..., a:b]
         n = int(nv.max())
         o = online[:, a:b].float()
         if n == 0:

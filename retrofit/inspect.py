@@ -27,6 +27,7 @@ class Description:
     segment_bytes: int  # everything one cached segment costs, over all MC layers
     segments_per_1k: float
     cache_bytes_per_1k: float
+    cache_cap_bytes: int | None  # the most the cache holds per sequence under max_cached_segments
     mc_config: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -72,5 +73,6 @@ def describe(path, mc_config: MCConfig | None = None) -> Description:
         path=str(path), family=adapter.family, converted=converted, num_layers=n_layers, mc_layers=layers,
         state_shapes=info.shapes, state_bytes=info.state_bytes, summary_bytes=info.summary_bytes,
         segment_bytes=segment_bytes, segments_per_1k=per_1k, cache_bytes_per_1k=per_1k * segment_bytes,
+        cache_cap_bytes=None if cfg.max_cached_segments is None else cfg.max_cached_segments * segment_bytes,
         mc_config=cfg.to_dict(),
     )

@@ -70,6 +70,7 @@ class LayerRun:
     memory: LayerMemory
     hidden: torch.Tensor | None  # the mixer's input (for the learned connector)
     cache: Any  # the family's cache object for this call, if any
+    valid: torch.Tensor | None = None  # [B, T] real tokens of a left-padded call (None: all real)
 
 
 def current() -> LayerRun | None:
@@ -80,32 +81,57 @@ def memory_for(holder: Any, layer_idx: int, config: MCConfig) -> LayerMemory:
     """The layer's memory: attached to the call's cache object so it lives as long as
     the recurrent state does; a fresh one when the call has no cache."""
     if holder is None:
-        return LayerMemory(config.max_cached_segments)
+        return LayerMemory(config.max_cached_segments, config.cache_policy)
     store = getattr(holder, "_mc_memory", None)
     if store is None:
         store = {}
         setattr(holder, "_mc_memory", store)
     if layer_idx not in store:
-        store[layer_idx] = LayerMemory(config.max_cached_segments)
+        store[layer_idx] = LayerMemory(config.max_cached_segments, config.cache_policy)
     return store[layer_idx]
 
 
-def attach(mixer: nn.Module, gate: MCGate, cache_of) -> list:
+def call_validity(mask: torch.Tensor | None, length: int, memory: LayerMemory) -> torch.Tensor | None:
+    """The real tokens ``[B, length]`` of this call from an ``attention_mask`` (``[B, length]``
+    or the whole sequence so far, ``[B, seen + length]``), or None when every token is real.
+
+    Only left padding has a meaning for a recurrence (a row starts late); anything else is
+    refused here rather than silently giving a row a result it would not get alone."""
+    if mask is None:
+        return None
+    if mask.dim() != 2 or mask.shape[1] < length:
+        raise MCError(f"attention_mask of shape {tuple(mask.shape)} does not cover the {length} tokens of this call")
+    valid = mask[:, -length:].bool()
+    if bool(valid.all()):
+        return None
+    if not bool((valid[:, 1:] >= valid[:, :-1]).all()):
+        raise MCError("Memory Caching supports left padding only (padding_side='left'): "
+                      "this attention_mask has padding after a real token")
+    late = [r for r in range(valid.shape[0]) if not bool(valid[r].all()) and memory.counts and memory.real[r] > 0]
+    if late:
+        raise MCError(f"rows {late} have padding after real tokens of an earlier call: pad on the left of the "
+                      "first call only")
+    return valid
+
+
+def attach(mixer: nn.Module, gate: MCGate, cache_of, padding: bool = False) -> list:
     """Attach ``gate`` to ``mixer`` and the hooks that publish the running layer.
 
-    ``cache_of(args, kwargs)`` returns the object the memory hangs on (or None)."""
+    ``cache_of(args, kwargs)`` returns the object the memory hangs on (or None).
+    ``padding``: the family honours a left-padded ``attention_mask`` (its own recurrence
+    ignores pads), so MC keeps a segment clock per row; otherwise padded calls are refused."""
     mixer.mc_gate = gate
 
     def pre(module, args, kwargs):
         mask = kwargs.get("attention_mask")
-        if mask is not None and not bool(mask.all()):
-            # Padding shifts every row's segment boundaries; per-row segment clocks are
-            # not implemented yet, so refuse rather than silently differ from an unpadded run.
-            raise MCError("padded batches are not supported with Memory Caching yet: "
-                          "run sequences of different lengths one at a time (or in equal-length batches)")
         hidden = args[0] if args else next(iter(kwargs.values()), None)
+        if mask is not None and not padding and not bool(mask.all()):
+            raise MCError(f"padded batches are not supported with Memory Caching for {gate.config.family or 'this family'}: "
+                          "run sequences of different lengths one at a time (or in equal-length batches)")
         holder = cache_of(args, kwargs)
-        run = LayerRun(gate=gate, memory=memory_for(holder, gate.layer_idx, gate.config), hidden=hidden, cache=holder)
+        memory = memory_for(holder, gate.layer_idx, gate.config)
+        valid = call_validity(mask, hidden.shape[1], memory) if padding and hidden is not None else None
+        run = LayerRun(gate=gate, memory=memory, hidden=hidden, cache=holder, valid=valid)
         module._mc_token = _ACTIVE.set(run)
 
     def post(module, args, kwargs, output):

@@ -3,63 +3,198 @@
 One ``LayerMemory`` lives for one forward call, or, when the model runs with a cache
 (chunked prefill, generation), as long as that cache object: it is attached to it, so
 the cached segments travel with the model's own recurrent state.
+
+Every row of the batch keeps its own segment clock. Without padding all clocks agree
+and the memory is a plain ``[B, N, ...]`` stack. With left padding a row's segments
+start at its first real token, so rows close segments at different call positions and
+hold different numbers of them: ``counts[r]`` says how many of the ``N`` slots of row
+``r`` are filled (the rest are zeros that no token can see).
 """
 from __future__ import annotations
 
 import torch
 
 
+def kept_slots(serials: list[int], closed: int, cap: int | None, policy: str) -> list[int]:
+    """Which of a row's cached segments (``serials``: their order numbers, ascending;
+    ``closed``: segments closed so far) a cache capped at ``cap`` keeps.
+
+    ``recent``: the newest ``cap``. ``log``: the newest ``cap // 2`` and, older than
+    that, segment ``s`` of age ``a = closed - s`` only if ``s`` is a multiple of
+    ``2 ** (floor(log2 a) - 1)``: about two per power-of-two band of age (a segment
+    thinned out would never qualify again: the divisor only grows with its age). Then
+    the oldest go, down to ``cap``. Applied after every close, so the kept set depends
+    only on the sequence of closes: split prefill and one forward keep the same.
+    """
+    keep = list(range(len(serials)))
+    if cap is None:
+        return keep
+    if policy == "log":
+        dense = max(1, cap // 2)
+        keep = [i for i in keep if closed - serials[i] <= dense
+                or serials[i] % (1 << max(0, (closed - serials[i]).bit_length() - 2)) == 0]
+    return keep[-cap:]
+
+
 class LayerMemory:
     """Cached states ``[B, N, ...]`` (the adapter's layout), their mean-pooled keys
-    ``[B, N, H, U]``, and the running key sum of the still-open segment."""
+    ``[B, N, H, U]``, and the running key sum of each row's still-open segment."""
 
-    def __init__(self, max_segments: int | None = None):
+    def __init__(self, max_segments: int | None = None, policy: str = "recent"):
         self.states: torch.Tensor | None = None
         self.pooled: torch.Tensor | None = None
         self.key_sum: torch.Tensor | None = None  # [B, H, U], keys of the open segment
-        self.seg_fill = 0  # tokens in the open segment
-        self.pos = 0  # tokens seen by this layer
+        self.counts: list[int] = []  # filled segment slots per row
+        self.seg_fill: list[int] = []  # real tokens in each row's open segment
+        self.real: list[int] = []  # real (non-pad) tokens each row has seen
+        self.pos = 0  # call positions seen by this layer (pads included)
         self.max_segments = max_segments
-        self.dropped = 0  # segments evicted by the cap
+        self.policy = policy
+        self.serials: list[list[int]] = []  # per row: order number of each filled slot
+        self.dropped_rows: list[int] = []  # segments evicted by the cap, per row
+
+    # -- shape of the memory ---------------------------------------------------------------
+    def _rows(self, batch: int) -> None:
+        if not self.counts:
+            self.counts, self.seg_fill, self.real = [0] * batch, [0] * batch, [0] * batch
+            self.dropped_rows = [0] * batch
+            self.serials = [[] for _ in range(batch)]
+        elif len(self.counts) != batch:
+            from .errors import MCError
+
+            raise MCError(f"batch size changed from {len(self.counts)} to {batch} within one cache; "
+                          "start a new cache for a new batch")
 
     @property
     def n(self) -> int:
+        """Segment slots (the most any row holds)."""
         return 0 if self.states is None else self.states.shape[1]
 
-    def add_keys(self, keys: torch.Tensor) -> None:
-        """Account ``keys [B, t, H, U]`` to the open segment."""
-        s = keys.float().sum(1)
+    @property
+    def dropped(self) -> int:
+        return max(self.dropped_rows, default=0)
+
+    @property
+    def uniform(self) -> bool:
+        """Every row holds every slot (no padding, or padding that has evened out)."""
+        return all(c == self.n for c in self.counts)
+
+    def visible(self, length: int, device) -> torch.Tensor:
+        """``n_visible`` for ``length`` tokens that all lie before the next close:
+        ``[length]`` when rows agree (the fast path), else ``[B, length]``."""
+        if self.uniform:
+            return torch.full((length,), self.n, dtype=torch.long, device=device)
+        c = torch.tensor(self.counts, dtype=torch.long, device=device)
+        return c[:, None].expand(len(self.counts), length)
+
+    # -- keys of the open segment ---------------------------------------------------------------
+    def add_keys(self, keys: torch.Tensor, valid: torch.Tensor | None = None) -> None:
+        """Account ``keys [B, t, H, U]`` to the open segments (``valid [B, t]``: real tokens)."""
+        self._rows(keys.shape[0])
+        kf = keys.float()
+        if valid is not None:
+            kf = kf * valid[:, :, None, None]
+            fills = valid.sum(1).tolist()
+        else:
+            fills = [keys.shape[1]] * keys.shape[0]
+        s = kf.sum(1)
         self.key_sum = s if self.key_sum is None else self.key_sum + s
-        self.seg_fill += keys.shape[1]
+        self.seg_fill = [f + int(d) for f, d in zip(self.seg_fill, fills)]
+        self.real = [r + int(d) for r, d in zip(self.real, fills)]
         self.pos += keys.shape[1]
 
-    def running_pool(self, keys: torch.Tensor) -> torch.Tensor:
+    def running_pool(self, keys: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
         """Causal running mean of the open segment's keys for each of ``keys [B,t,H,U]``
-        (computed before :meth:`add_keys` for the same tokens)."""
-        csum = keys.float().cumsum(1)
+        (computed before :meth:`add_keys` for the same tokens). Pads count for nothing."""
+        self._rows(keys.shape[0])
+        kf = keys.float()
+        fill = torch.tensor(self.seg_fill, dtype=torch.float32, device=keys.device)[:, None]
+        if valid is None:
+            count = torch.arange(1, keys.shape[1] + 1, device=keys.device, dtype=torch.float32)[None] + fill
+        else:
+            kf = kf * valid[:, :, None, None]
+            count = (valid.float().cumsum(1) + fill).clamp_min(1.0)  # a pad's own pool is unused
+        csum = kf.cumsum(1)
         if self.key_sum is not None:
             csum = csum + self.key_sum[:, None]
-        count = torch.arange(1, keys.shape[1] + 1, device=keys.device, dtype=torch.float32) + self.seg_fill
-        return csum / count[None, :, None, None]
+        return csum / count[:, :, None, None]
 
-    def close(self, state: torch.Tensor) -> None:
-        """End the open segment: cache ``state [B, ...]`` with its mean-pooled keys."""
-        if self.seg_fill == 0:
+    # -- closing segments ------------------------------------------------------------------------
+    def close(self, state: torch.Tensor, rows: list[int] | None = None) -> None:
+        """End the open segment of ``rows`` (default: all): cache row r's ``state[r]``
+        with its mean-pooled keys. Rows whose open segment is empty are skipped."""
+        self._rows(state.shape[0])
+        rows = [r for r in (range(len(self.counts)) if rows is None else rows) if self.seg_fill[r] > 0]
+        if not rows:
             return
-        pooled = (self.key_sum / self.seg_fill)[:, None]
-        state = state[:, None]
+        fill = torch.tensor([max(f, 1) for f in self.seg_fill], dtype=torch.float32, device=self.key_sum.device)
+        pooled = self.key_sum / fill[:, None, None]
+        if len(rows) == len(self.counts) and self.uniform:
+            self._append_all(state, pooled)
+        else:
+            for r in rows:
+                self._append_row(r, state[r], pooled[r])
+        keep = torch.ones(len(self.counts), device=self.key_sum.device)
+        keep[rows] = 0
+        self.key_sum = self.key_sum * keep[:, None, None]  # not in place: autograd may hold it
+        for r in rows:
+            self.seg_fill[r] = 0
+
+    def _append_all(self, state: torch.Tensor, pooled: torch.Tensor) -> None:
+        state, pooled = state[:, None], pooled[:, None]
         if self.states is None:
             self.states, self.pooled = state, pooled
         else:
             self.states = torch.cat([self.states, state.to(self.states.dtype)], 1)
             self.pooled = torch.cat([self.pooled, pooled], 1)
-        if self.max_segments is not None and self.n > self.max_segments:
-            # Keep the most recent segments: the oldest ones are dropped first.
-            extra = self.n - self.max_segments
-            self.states, self.pooled = self.states[:, extra:], self.pooled[:, extra:]
-            self.dropped += extra
-        self.key_sum = None
-        self.seg_fill = 0
+        for r in range(len(self.counts)):
+            self._record(r)
+        self._evict()
+
+    def _append_row(self, r: int, state: torch.Tensor, pooled: torch.Tensor) -> None:
+        """Ragged append (padded batches): row ``r`` writes its next slot."""
+        B = len(self.counts)
+        if self.states is None:
+            self.states = state.new_zeros((B, 1) + tuple(state.shape))
+            self.pooled = pooled.new_zeros((B, 1) + tuple(pooled.shape))
+        else:  # fresh copies: a read earlier in this call may hold the old ones for backward
+            self.states, self.pooled = self.states.clone(), self.pooled.clone()
+        slot = self.counts[r]
+        if slot == self.n:  # grow every row by one (zeros: invisible to rows that do not fill it)
+            self.states = torch.cat([self.states, self.states.new_zeros(self.states[:, :1].shape)], 1)
+            self.pooled = torch.cat([self.pooled, self.pooled.new_zeros(self.pooled[:, :1].shape)], 1)
+        self.states[r, slot] = state.to(self.states.dtype)
+        self.pooled[r, slot] = pooled
+        self._record(r)
+        self._evict()
+
+    def _record(self, r: int) -> None:
+        self.serials[r].append(self.dropped_rows[r] + self.counts[r])  # = segments closed before it
+        self.counts[r] += 1
+
+    def _evict(self) -> None:
+        """Apply the cap: every row keeps :func:`kept_slots` of its segments."""
+        if self.max_segments is None:
+            return
+        keeps = [kept_slots(self.serials[r], self.serials[r][-1] + 1 if self.serials[r] else 0,
+                            self.max_segments, self.policy) for r in range(len(self.counts))]
+        if all(len(k) == c for k, c in zip(keeps, self.counts)):
+            return
+        width = max(len(k) for k in keeps)
+        if self.uniform and all(k == keeps[0] for k in keeps):
+            idx = torch.tensor(keeps[0], device=self.states.device)
+            self.states, self.pooled = self.states.index_select(1, idx), self.pooled.index_select(1, idx)
+        else:  # rows keep different slots: gather each row's, zero-fill the rest
+            states = self.states.new_zeros((self.states.shape[0], width) + tuple(self.states.shape[2:]))
+            pooled = self.pooled.new_zeros((self.pooled.shape[0], width) + tuple(self.pooled.shape[2:]))
+            for r, k in enumerate(keeps):
+                states[r, : len(k)] = self.states[r, k]
+                pooled[r, : len(k)] = self.pooled[r, k]
+            self.states, self.pooled = states, pooled
+        for r, k in enumerate(keeps):
+            self.dropped_rows[r] += self.counts[r] - len(k)
+            self.serials[r] = [self.serials[r][i] for i in k]
+            self.counts[r] = len(k)
 
     def nbytes(self) -> int:
         total = 0

@@ -12,7 +12,7 @@ from typing import Callable
 
 import torch
 
-from .core import readout_reference, segment_pieces
+from .core import batch_pieces, readout_reference
 from .layer import LayerRun
 
 # run_piece(start, end, state) -> (online output [B, end-start, H, V], state after end)
@@ -63,18 +63,22 @@ def run_segments(
     cached memories (see :func:`linear_read`). Returns (output, final state).
     """
     gate, mem, cfg = run.gate, run.memory, run.gate.config
-    T = k.shape[1]
+    B, T = k.shape[:2]
     u = gate.gate_input(query, run.hidden)
-    close_before, pieces = segment_pieces(mem.pos, mem.seg_fill, T, cfg.segmentation, cfg.segment_size)
+    valid = run.valid  # [B, T] real tokens of a left-padded batch, or None
+    mem._rows(B)
+    starts = [0] * B if valid is None else (T - valid.sum(1)).tolist()
+    close_before, spans = batch_pieces(mem.real, mem.seg_fill, starts, T, cfg.segmentation, cfg.segment_size)
     if close_before and state is not None:
-        mem.close(snapshot(state))
+        mem.close(snapshot(state), close_before)
     outs = []
-    for a, b, closes in pieces:
+    for a, b, closing in spans:
         o, state = run_piece(a, b, state)
-        nv = torch.full((b - a,), mem.n, dtype=torch.long, device=k.device)
-        online_pool = mem.running_pool(k[:, a:b])
+        v = None if valid is None else valid[:, a:b]
+        nv = mem.visible(b - a, k.device)
+        online_pool = mem.running_pool(k[:, a:b], v)
         outs.append(read(run, o, a, b, u[:, a:b], online_pool, nv))
-        mem.add_keys(k[:, a:b])
-        if closes:
-            mem.close(snapshot(state))
+        mem.add_keys(k[:, a:b], v)
+        if closing:
+            mem.close(snapshot(state), closing)
     return (outs[0] if len(outs) == 1 else torch.cat(outs, 1)), state

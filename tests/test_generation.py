@@ -69,17 +69,6 @@ def test_cache_cap_keeps_most_recent_segments():
     assert all(v["segments"] == 3 and v["dropped"] == 4 for v in s["layers"].values())
 
 
-def test_padded_batch_is_refused_with_a_clear_error():
-    model = mc_retrofit.convert(tiny_model("mamba2"), MCConfig(segment_size=4))
-    x = torch.randint(0, 64, (2, 10))
-    mask = torch.ones_like(x)
-    mask[0, :3] = 0
-    with pytest.raises(MCError, match="padded batches are not supported"):
-        model(x, attention_mask=mask)
-    with torch.no_grad():  # an all-ones mask is fine
-        assert torch.equal(model(x, attention_mask=torch.ones_like(x)).logits, model(x).logits)
-
-
 def test_generate_command_streams_text(tmp_path):
     from mc_retrofit.cli import main
 

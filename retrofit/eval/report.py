@@ -114,7 +114,8 @@ def _variant_line(v: dict) -> str:
     if c["cache_weight"] != 1.0:
         parts.append(f"cache_weight={c['cache_weight']:g}")
     if c.get("max_cached_segments"):
-        parts.append(f"max {c['max_cached_segments']} cached")
+        policy = "" if c.get("cache_policy", "recent") == "recent" else f" ({c['cache_policy']})"
+        parts.append(f"max {c['max_cached_segments']} cached{policy}")
     return f"{v['name']} = " + ", ".join(parts)
 
 
