@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from mc_retrofit.adapter import Adapter, StateInfo, expand_heads, passthrough, wrap_op
+from mc_retrofit.kernels.capture import mamba2_boundary_states
 from mc_retrofit.runner import linear_read, run_segments
 
 MODULE = "transformers.models.mamba2.modeling_mamba2"
@@ -34,10 +35,18 @@ def _chunk_scan(orig, run, hidden_states, dt, A, B, C, chunk_size, D=None, **kw)
             D=None, initial_states=state, return_final_states=True, **kw,
         )
 
+    def capture(state, segment_size):
+        y, final = orig(hidden_states, dt, A, B, C, chunk_size, D=None, initial_states=state,
+                        return_final_states=True, **kw)
+        bounds, _ = mamba2_boundary_states(
+            hidden_states, dt, A, B, segment_size, dt_bias=kw.get("dt_bias"), dt_softplus=kw.get("dt_softplus", False),
+            dt_limit=kw.get("dt_limit", (0.0, float("inf"))), initial_states=state)
+        return y, final, bounds
+
     q = expand_heads(C, heads)
     k = expand_heads(B, heads)
     y, final = run_segments(
-        run, q, k, run_piece, init, lambda s: s.float().clone(), linear_read(q, scale=1.0, layout="vk")
+        run, q, k, run_piece, init, lambda s: s.float().clone(), linear_read(q, scale=1.0, layout="vk"), capture
     )
     if D is not None:  # the D skip, as the original op adds it
         y = y + D[..., None] * hidden_states.float()

@@ -119,6 +119,26 @@ class LayerMemory:
             csum = csum + self.key_sum[:, None]
         return csum / count[:, :, None, None]
 
+    def extend(self, states: torch.Tensor, pooled: torch.Tensor, tokens: int) -> None:
+        """Cache ``states [B, n, ...]`` with ``pooled [B, n, H, U]``: ``n`` whole segments of
+        ``tokens`` tokens in total, captured in one pass (every row's clock on a boundary)."""
+        self._rows(states.shape[0])
+        if states.shape[1]:
+            self._append_many(states, pooled)
+        self.pos += tokens
+        self.real = [r + tokens for r in self.real]
+
+    def _append_many(self, states: torch.Tensor, pooled: torch.Tensor) -> None:
+        if self.states is None:
+            self.states, self.pooled = states, pooled
+        else:
+            self.states = torch.cat([self.states, states.to(self.states.dtype)], 1)
+            self.pooled = torch.cat([self.pooled, pooled], 1)
+        for r in range(len(self.counts)):
+            for _ in range(states.shape[1]):
+                self._record(r)
+        self._evict()
+
     # -- closing segments ------------------------------------------------------------------------
     def close(self, state: torch.Tensor, rows: list[int] | None = None) -> None:
         """End the open segment of ``rows`` (default: all): cache row r's ``state[r]``
@@ -141,15 +161,7 @@ class LayerMemory:
             self.seg_fill[r] = 0
 
     def _append_all(self, state: torch.Tensor, pooled: torch.Tensor) -> None:
-        state, pooled = state[:, None], pooled[:, None]
-        if self.states is None:
-            self.states, self.pooled = state, pooled
-        else:
-            self.states = torch.cat([self.states, state.to(self.states.dtype)], 1)
-            self.pooled = torch.cat([self.pooled, pooled], 1)
-        for r in range(len(self.counts)):
-            self._record(r)
-        self._evict()
+        self._append_many(state[:, None], pooled[:, None])
 
     def _append_row(self, r: int, state: torch.Tensor, pooled: torch.Tensor) -> None:
         """Ragged append (padded batches): row ``r`` writes its next slot."""

@@ -8,6 +8,7 @@ segments completed before its own.
 """
 from __future__ import annotations
 
+import os
 from typing import Callable
 
 import torch
@@ -17,6 +18,21 @@ from .layer import LayerRun
 
 # run_piece(start, end, state) -> (online output [B, end-start, H, V], state after end)
 RunPiece = Callable[[int, int, object], tuple[torch.Tensor, object]]
+# capture(state, segment_size) -> (online output [B, T, H, V], final state, boundary states
+# [B, T // segment_size, ...] cached-state layout): the whole call in one pass
+Capture = Callable[[object, int], tuple[torch.Tensor, object, torch.Tensor]]
+
+
+def use_one_pass(device: torch.device) -> bool:
+    """One-pass capture (one family-op call + one read-out per layer call) on CUDA, where
+    per-segment kernel launches dominate; the per-segment loop elsewhere.
+    ``MC_RETROFIT_ONE_PASS=1``/``0`` forces it on/off (tests run both on CPU)."""
+    flag = os.environ.get("MC_RETROFIT_ONE_PASS", "").lower()
+    if flag in ("1", "true", "yes"):
+        return True
+    if flag in ("0", "false", "no"):
+        return False
+    return device.type == "cuda"
 
 
 def readout(*args, **kwargs):
@@ -52,6 +68,7 @@ def run_segments(
     state,
     snapshot: Callable[[object], torch.Tensor],
     read,
+    capture: Capture | None = None,
 ):
     """Memory Caching over one call of a layer.
 
@@ -60,13 +77,17 @@ def run_segments(
     ``state`` the recurrent state entering the call (family layout, or None);
     ``snapshot(state)`` a detached copy of it to cache; ``read(run, o, a, b, u,
     online_pool, n_visible)`` combines the online output ``o`` of tokens ``a:b`` with the
-    cached memories (see :func:`linear_read`). Returns (output, final state).
+    cached memories (see :func:`linear_read`). ``capture`` (optional, see :data:`Capture`)
+    lets a call that starts on a segment boundary run in one pass instead of one op call
+    per segment (:func:`use_one_pass`). Returns (output, final state).
     """
     gate, mem, cfg = run.gate, run.memory, run.gate.config
     B, T = k.shape[:2]
     u = gate.gate_input(query, run.hidden)
     valid = run.valid  # [B, T] real tokens of a left-padded batch, or None
     mem._rows(B)
+    if capture is not None and _one_pass_applies(mem, cfg, valid, T, k.device):
+        return _run_one_pass(run, k, u, state, read, capture)
     starts = [0] * B if valid is None else (T - valid.sum(1)).tolist()
     close_before, spans = batch_pieces(mem.real, mem.seg_fill, starts, T, cfg.segmentation, cfg.segment_size)
     if close_before and state is not None:
@@ -82,3 +103,36 @@ def run_segments(
         if closing:
             mem.close(snapshot(state), closing)
     return (outs[0] if len(outs) == 1 else torch.cat(outs, 1)), state
+
+
+def _one_pass_applies(mem, cfg, valid, T: int, device) -> bool:
+    C = cfg.segment_size
+    return (
+        cfg.segmentation == "constant" and valid is None and T >= C and mem.uniform
+        and not any(mem.seg_fill)  # every row's clock on a boundary
+        # a cap that bites inside the call would hide segments from later tokens of it
+        and (mem.max_segments is None or mem.n + T // C <= mem.max_segments)
+        and use_one_pass(device)
+    )
+
+
+def _run_one_pass(run: LayerRun, k, u, state, read, capture):
+    """The whole call at once: the family op once, the boundary states from the capture,
+    then one read-out where token t sees the segments closed before its own."""
+    mem, C = run.memory, run.gate.config.segment_size
+    B, T, H, U = k.shape
+    n_full, n_seg = T // C, -(-T // C)
+    o, final, bounds = capture(state, C)
+    kf = k.float()
+    if n_seg * C > T:
+        kf = torch.cat([kf, kf.new_zeros(B, n_seg * C - T, H, U)], 1)
+    kf = kf.view(B, n_seg, C, H, U)
+    count = torch.arange(1, C + 1, device=k.device, dtype=torch.float32)[None, None, :, None, None]
+    online_pool = (kf.cumsum(2) / count).reshape(B, n_seg * C, H, U)[:, :T]
+    n_before = mem.n
+    mem.extend(bounds, kf[:, :n_full].mean(2), n_full * C)
+    nv = n_before + torch.arange(T, device=k.device) // C
+    y = read(run, o, 0, T, u, online_pool, nv)
+    if T > n_full * C:  # the open tail segment
+        mem.add_keys(k[:, n_full * C:])
+    return y, final
