@@ -27,7 +27,7 @@ try:  # recipes/eval ships as package data (mc_retrofit.eval_recipes), so wheels
     RECIPE_DIR = Path(_recipes.__file__).resolve().parent
 except ImportError:  # a source tree that is not installed
     RECIPE_DIR = Path(__file__).resolve().parents[2] / "recipes" / "eval"
-TASKS = ("passkey", "multikey", "variable_tracking")
+TASKS = ("passkey", "multikey", "variable_tracking", "mqar")
 SECTIONS = ("perplexity",) + TASKS
 TOP_KEYS = {"name", "description", "batch_size", "variants", "seed"} | set(SECTIONS)
 SECTION_KEYS = {
@@ -35,6 +35,8 @@ SECTION_KEYS = {
     "passkey": {"lengths", "depths", "samples", "digits"},
     "multikey": {"lengths", "depths", "samples", "n_keys", "digits"},
     "variable_tracking": {"lengths", "samples", "hops", "n_chains", "digits"},
+    # synthetic token task (mc_retrofit.tasks.mqar): no text, the model's own vocabulary
+    "mqar": {"lengths", "pairs", "samples", "noise"},
 }
 
 
@@ -81,6 +83,9 @@ def validate(recipe: dict, where: str = "recipe") -> None:
         for key in ("windows", "samples"):
             if key in body and (not isinstance(body[key], int) or body[key] < 1):
                 raise MCError(f"{where}: {sec}.{key} must be a positive integer")
+        pairs = body.get("pairs", [8])
+        if sec == "mqar" and not (isinstance(pairs, list) and pairs and all(isinstance(p, int) and p >= 1 for p in pairs)):
+            raise MCError(f"{where}: mqar.pairs must be a non-empty list of positive integers")
         for d in body.get("depths", []):
             if not (isinstance(d, (int, float)) and 0 <= d <= 1):
                 raise MCError(f"{where}: {sec}.depths must lie in [0, 1], not {d!r}")

@@ -12,7 +12,7 @@ from mc_retrofit.files import atomic_file
 from .recipes import TASKS
 
 TASK_TITLES = {"passkey": "pass-key retrieval", "multikey": "multi-key recall (distractors)",
-               "variable_tracking": "variable tracking (multi-hop)"}
+               "variable_tracking": "variable tracking (multi-hop)", "mqar": "MQAR recall (share of queried keys)"}
 
 # The JSON's top level: key -> type(s). The test suite checks results against it.
 SCHEMA_KEYS = {
@@ -84,6 +84,9 @@ def markdown(results: dict) -> str:
     for task in TASKS:
         if task not in results:
             continue
+        if task == "mqar":
+            out += _mqar_markdown(results["mqar"], names, ctx)
+            continue
         rows = results[task]["by_length"]
         lengths = sorted({int(L) for v in rows.values() for L in v})
         n_samples = next(iter(next(iter(rows.values())).values()))["samples"] if rows else 0
@@ -98,6 +101,35 @@ def markdown(results: dict) -> str:
             out.append(f"| {n} | " + " | ".join(cells) + " |")
         out.append("")
     return "\n".join(out)
+
+
+def _mqar_markdown(mqar: dict, names: list[str], ctx) -> list[str]:
+    """Rows = (variant, pairs), columns = lengths: recall, and its change vs base."""
+    grid = mqar["grid"]
+    lengths = sorted({int(L) for v in grid.values() for L in v})
+    pairs = sorted({float(p) for v in grid.values() for L in v.values() for p in L})
+    n = next(iter(next(iter(next(iter(grid.values())).values())).values()))["samples"] if grid else 0
+    out = [f"## {TASK_TITLES['mqar']}, {n} sequences per cell (change vs base)", "",
+           "| variant | pairs | " + " | ".join(_len_label(L, ctx) for L in lengths) + " |",
+           "|---|---:|" + "---:|" * len(lengths)]
+    base = grid.get("base", {})
+    for p in pairs:
+        for name in names:
+            cells = []
+            for L in lengths:
+                cell = grid.get(name, {}).get(str(L), {})
+                r = cell.get(_dkey(p, cell)) if cell else None
+                if r is None:
+                    cells.append("")
+                    continue
+                text = f"{r['accuracy']:.3f}"
+                b = base.get(str(L), {})
+                rb = b.get(_dkey(p, b)) if b else None
+                if name != "base" and rb is not None:
+                    text += f" ({r['accuracy'] - rb['accuracy']:+.3f})"
+                cells.append(text)
+            out.append(f"| {name} | {p:g} | " + " | ".join(cells) + " |")
+    return out + [""]
 
 
 def _variant_line(v: dict) -> str:
@@ -190,7 +222,27 @@ def plots(results: dict, out_dir: Path) -> list[Path]:
         fig.tight_layout()
         written.append(_save(fig, out_dir / "passkey.png"))
         plt.close(fig)
-    present = [t for t in TASKS if t in results]
+    if "mqar" in results and results["mqar"]["grid"]:
+        grid = results["mqar"]["grid"]
+        pairs = sorted({float(p) for v in grid.values() for L in v.values() for p in L})
+        fig, axes = plt.subplots(1, len(pairs), figsize=(4.5 * len(pairs), 4), squeeze=False)
+        for ax, p in zip(axes[0], pairs):
+            for n in names:
+                g = grid.get(n, {})
+                Ls = sorted(int(L) for L in g)
+                ys = [g[str(L)].get(_dkey(p, g[str(L)]), {}).get("accuracy", math.nan) for L in Ls]
+                ax.plot(Ls, ys, marker="o", label=n, lw=2.2 if n == "base" else 1.2, color="black" if n == "base" else None)
+            ax.set_xscale("log", base=2)
+            if ctx:
+                ax.axvline(ctx, ls="--", color="grey", lw=1)
+            ax.set(title=f"MQAR, {p:g} pairs", xlabel="sequence length (tokens)", ylabel="recall", ylim=(0, 1.02))
+            ax.grid(alpha=0.3)
+        axes[0][0].legend(fontsize=8)
+        fig.suptitle(f"{results['model']}: MQAR recall, base vs MC (dashed: training length)")
+        fig.tight_layout()
+        written.append(_save(fig, out_dir / "mqar.png"))
+        plt.close(fig)
+    present = [t for t in TASKS if t in results and t != "mqar"]
     if present:
         fig, axes = plt.subplots(1, len(present), figsize=(5 * len(present), 4), squeeze=False)
         for ax, task in zip(axes[0], present):

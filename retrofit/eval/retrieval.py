@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from mc_retrofit import tasks
+from mc_retrofit.errors import MCError
 
 from .forward import answer_scores
 from .text import Codec
@@ -47,6 +48,63 @@ def _generate(task: str, haystack: bytes, n_bytes: int, rng: random.Random, dept
         return tasks.variable_tracking_sample(haystack, n_bytes, rng, hops=body.get("hops", 2),
                                               n_chains=body.get("n_chains", 2), digits=digits)
     raise ValueError(task)
+
+
+def make_mqar_items(body: dict, vocab_size: int, seed: int) -> list[TaskItem]:
+    """MQAR sequences (``mc_retrofit.tasks.mqar``, the generator the recall checkpoints
+    were trained with) for every (length, pairs) cell; ``depth`` holds the number of
+    pairs, so results come as a length x pairs grid. A sample's score is the share of its
+    queried keys whose value is the argmax (its ``correct``), over ``n_pairs`` queries (fewer
+    when the length leaves less room after the pairs)."""
+    items = []
+    for L in body["lengths"]:
+        for P in body.get("pairs", [8]):
+            if P >= vocab_size // 2:
+                raise MCError(f"mqar: {P} pairs need more than {vocab_size // 2} key tokens (vocabulary {vocab_size})")
+            room = (L - 2 * P) // 2  # query slots after the pairs
+            if room < 1:
+                continue  # no room for a query: this (length, pairs) cell does not exist
+            batch = tasks.mqar(body.get("samples", 64), L, P, vocab_size=vocab_size, n_queries=min(P, room),
+                               seed=_seed(f"{seed}:mqar:{L}:{P}"), random_non_queries=bool(body.get("noise", False)))
+            for i in range(batch.inputs.shape[0]):
+                items.append(TaskItem("mqar", L, float(P), i, batch.inputs[i], 0,
+                                      {"targets": batch.targets[i], "n_pairs": P}))
+    return items
+
+
+def _seed(text: str) -> int:
+    return int.from_bytes(text.encode(), "little") % (2**31 - 1)
+
+
+@torch.no_grad()
+def score_mqar(model, items: list[TaskItem], device, batch_size: int, variant: str, progress=None) -> list[dict]:
+    """One record per MQAR sequence: correct = recall (share of queries answered), the
+    queries' total NLL (nats) as answer_nll over answer_tokens = queries."""
+    from .forward import backbone_hidden, logits_at
+
+    records = []
+    for i in range(0, len(items), batch_size):
+        chunk = items[i:i + batch_size]
+        L = chunk[0].ids.shape[0]
+        if any(it.ids.shape[0] != L for it in chunk):  # lengths differ: one at a time
+            chunk = chunk[:1]
+        ids = torch.stack([it.ids for it in chunk]).to(device)
+        targets = torch.stack([it.meta["targets"] for it in chunk]).to(device)
+        hidden = backbone_hidden(model, ids)
+        for b, it in enumerate(chunk):
+            pos = (targets[b] != -100).nonzero()[:, 0]
+            logits = logits_at(model, hidden[b:b + 1, pos])[0]
+            want = targets[b, pos]
+            correct = (logits.argmax(-1) == want).float().mean()
+            nll = -torch.log_softmax(logits, -1).gather(-1, want[:, None]).sum()
+            records.append({
+                "kind": "mqar", "variant": variant, "length": it.length, "depth": it.depth, "sample": it.index,
+                "tokens": L, "correct": float(correct), "answer_nll": float(nll), "answer_tokens": int(pos.numel()),
+                "answer": None, "needle_offsets": None,
+            })
+        if progress is not None:
+            progress.update(len(chunk))
+    return records
 
 
 def make_items(task: str, body: dict, haystack: bytes, codec: Codec, seed: int,

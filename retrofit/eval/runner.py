@@ -89,19 +89,24 @@ def _evaluate(opts: EvalOptions, world: dist.World, device: str, t_start: float)
     batch_size = opts.batch_size or recipe.get("batch_size", 4)
 
     cfg = source.config()
-    codec = codec_for(source.path if source.path.is_dir() else None, cfg.vocab_size, opts.tokenizer)
-    texts = load_texts(opts.data, opts.text_field, opts.split) if opts.data else default_texts()
-    docs = tokenize_documents(texts, codec)
+    codec, texts = None, []
+    if any(s != "mqar" for s in sections):  # text sections: a tokenizer and documents
+        codec = codec_for(source.path if source.path.is_dir() else None, cfg.vocab_size, opts.tokenizer)
+        texts = load_texts(opts.data, opts.text_field, opts.split) if opts.data else default_texts()
+        docs = tokenize_documents(texts, codec)
 
     work: dict[str, list] = {}
     if "perplexity" in sections:
         body = recipe["perplexity"]
         work["perplexity"] = perplexity.make_windows(docs, body["lengths"], body.get("windows", 4), opts.seed)
-    haystack = "\n\n".join(t for _, t in texts).encode("utf-8")
-    n_tokens = sum(len(ids) for _, ids in docs)
-    bytes_per_token = 1.0 if codec.byte_level else sum(len(t.encode()) for _, t in texts) / max(1, n_tokens)
+    if codec is not None:
+        haystack = "\n\n".join(t for _, t in texts).encode("utf-8")
+        n_tokens = sum(len(ids) for _, ids in docs)
+        bytes_per_token = 1.0 if codec.byte_level else sum(len(t.encode()) for _, t in texts) / max(1, n_tokens)
     for task in TASKS:
-        if task in sections:
+        if task == "mqar" and task in sections:
+            work[task] = retrieval.make_mqar_items(recipe[task], cfg.vocab_size, opts.seed)
+        elif task in sections:
             work[task] = retrieval.make_items(task, recipe[task], haystack, codec, opts.seed, bytes_per_token)
     mine = {k: dist.shard(v, world) for k, v in work.items()}
 
@@ -118,7 +123,8 @@ def _evaluate(opts: EvalOptions, world: dist.World, device: str, t_start: float)
                     bucket = recipe["perplexity"].get("position_bucket") or max(1, (ctx or 512) // 4)
                     records += perplexity.score_windows(model, items, bucket, device, batch_size, variant.name, bar)
                 else:
-                    records += retrieval.score_items(model, items, device, batch_size, variant.name, bar)
+                    score = retrieval.score_mqar if sec == "mqar" else retrieval.score_items
+                    records += score(model, items, device, batch_size, variant.name, bar)
         seconds[variant.name] = time.time() - t0
         if model is not source.base():
             del model
@@ -136,8 +142,9 @@ def _evaluate(opts: EvalOptions, world: dist.World, device: str, t_start: float)
         "family": getattr(cfg, "model_type", None),
         "parameters": sum(p.numel() for p in source.base().parameters()),
         "train_context": ctx,
-        "tokenizer": codec.name,
-        "data": opts.data or "gutenberg eval-only books (" + ", ".join(n for n, _ in texts) + ")",
+        "tokenizer": codec.name if codec is not None else "the model's own vocabulary (synthetic tasks only)",
+        "data": opts.data or ("gutenberg eval-only books (" + ", ".join(n for n, _ in texts) + ")" if texts
+                              else "synthetic (mc_retrofit.tasks.mqar)"),
         "seed": opts.seed,
         "batch_size": batch_size,
         "recipe": recipe,

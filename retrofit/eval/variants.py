@@ -115,7 +115,8 @@ class ModelSource:
             info = self.path / "training.json"
             if info.is_file():
                 try:
-                    ctx = json.loads(info.read_text()).get("ctx")
+                    data = json.loads(info.read_text())
+                    ctx = data.get("ctx", data.get("seq_len"))  # text recipe / MQAR recipe
                 except json.JSONDecodeError:
                     ctx = None
                 if isinstance(ctx, int) and ctx > 0:
