@@ -150,3 +150,21 @@ def test_console_script_end_to_end(orig, tmp_path):
     p = subprocess.run(exe + ["convert", str(tmp_path / "missing"), "--out", str(tmp_path / "o")],
                        capture_output=True, text=True, env={**os.environ, "MC_RETROFIT_DEBUG": ""})
     assert p.returncode == 1 and p.stderr.strip().count("\n") == 0 and "does not exist" in p.stderr
+
+
+def test_outputs_get_the_usual_permissions(tmp_path):
+    """Temporary siblings are private (mkdtemp/mkstemp); the renamed outputs must not be."""
+    import os
+
+    from mc_retrofit.files import atomic_dir, atomic_file
+
+    old = os.umask(0o022)
+    try:
+        with atomic_dir(tmp_path / "d") as d:
+            (d / "f").write_text("x")
+        with atomic_file(tmp_path / "f.safetensors") as f:
+            f.write_text("x")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "d").stat().st_mode & 0o777 == 0o755
+    assert (tmp_path / "f.safetensors").stat().st_mode & 0o777 == 0o644
