@@ -77,6 +77,10 @@ class Qwen3NextAdapter(FlaAdapter):
     def state_dims(self, mixer):
         return mixer.num_v_heads, mixer.head_k_dim, mixer.head_v_dim
 
+    def recurrent_layers(self, config):
+        # hybrid: only the linear-attention (GDN) layers are recurrent
+        return [i for i, kind in enumerate(config.layer_types) if kind == "linear_attention"]
+
     def state_info(self, config):
         return StateInfo(shapes=[(config.linear_num_value_heads, config.linear_key_head_dim,
                                   config.linear_value_head_dim)], bytes_per_element=4,

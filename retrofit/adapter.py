@@ -70,6 +70,10 @@ class Adapter:
     def state_info(self, config) -> StateInfo:
         raise NotImplementedError
 
+    def recurrent_layers(self, config) -> list[int]:
+        """Indices of the recurrent layers, from the config alone (for ``inspect``)."""
+        return list(range(config.num_hidden_layers))
+
     def prepare_save(self, model: nn.Module) -> None:
         """Bring weights into their saved form (e.g. undo in-place inference rescaling)."""
 

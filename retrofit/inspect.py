@@ -62,8 +62,9 @@ def describe(path, mc_config: MCConfig | None = None) -> Description:
     cfg = saved if saved is not None else (mc_config or MCConfig())
     adapter = adapter_for(hf)
     info = adapter.state_info(hf)
-    n_layers = hf.num_hidden_layers
-    layers = [i for i in range(n_layers) if cfg.applies_to(i)]
+    recurrent = adapter.recurrent_layers(hf)
+    n_layers = len(recurrent)
+    layers = [i for i in recurrent if cfg.applies_to(i)]
     segment_bytes = (info.state_bytes + info.summary_bytes) * len(layers)
     if cfg.segmentation == "constant":
         per_1k = TOKENS / cfg.segment_size

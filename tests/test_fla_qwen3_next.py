@@ -46,3 +46,14 @@ def test_qwen3_next_gdn_layers_get_mc():
     assert (full[:, :6] - base[:, :6]).abs().max() <= 1e-5
     assert (full - base).abs().max() > 1e-3
     assert (torch.cat(parts, 1) - full).abs().max() <= 1e-5
+
+
+def test_inspect_counts_only_the_recurrent_layers_of_a_hybrid(tmp_path):
+    pytest.importorskip("fla")
+    from mc_retrofit.inspect import describe
+
+    _tiny().save_pretrained(tmp_path / "q")
+    d = describe(tmp_path / "q")
+    # one GDN layer: 4 value heads x 8 x 8 fp32 state + 4 x 8 fp32 key summary; the attention layer costs nothing
+    assert d.num_layers == 1 and d.mc_layers == [0]
+    assert d.segment_bytes == 4 * 8 * 8 * 4 + 4 * 8 * 4
