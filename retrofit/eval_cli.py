@@ -36,9 +36,10 @@ SECTIONS = ("perplexity", "passkey", "multikey", "variable_tracking")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), help="Load the model in this dtype.")
 @click.option("--plots/--no-plots", default=True, show_default=True, help="Write PNG plots.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
+@click.option("--force", is_flag=True, help="Overwrite the results of an earlier run in --out.")
 @friendly
 def command(model, recipe, configs, variant_specs, recipe_variants, only, out, seed, data, text_field, split,
-            tokenizer, train_context, batch_size, device, dtype, plots, quiet):
+            tokenizer, train_context, batch_size, device, dtype, plots, quiet, force):
     """Evaluate MODEL (checkpoint dir, builtin:NAME, converted dir or exported file): the base
     model and MC variants on the same long documents and recall prompts."""
     import torch
@@ -47,6 +48,7 @@ def command(model, recipe, configs, variant_specs, recipe_variants, only, out, s
 
     from .eval import EvalOptions, evaluate, load_recipe, markdown, parse_variant, variant_from_file, write_json
     from .eval import plots as make_plots
+    from .files import atomic_file
 
     torch.set_flush_denormal(True)
     sections = None
@@ -61,12 +63,17 @@ def command(model, recipe, configs, variant_specs, recipe_variants, only, out, s
                        data=data, text_field=text_field, split=split, tokenizer=tokenizer, device=device, dtype=dtype,
                        batch_size=batch_size, train_context=train_context, sections=sections, progress=not quiet)
     out_dir = Path(out) if out else Path("eval-results") / f"{_slug(model)}-{rec['name']}"
+    if (out_dir / "results.json").exists() and not force:  # checked before the (long) evaluation
+        raise MCError(f"{out_dir} already holds results; pass --force to overwrite them, or choose another --out")
+    if not out_dir.absolute().parent.exists():
+        raise MCError(f"parent directory {out_dir.absolute().parent} does not exist; create it first")
     results = evaluate(opts)
     if int(os.environ.get("RANK", "0")) != 0:
         return
     out_dir.mkdir(parents=True, exist_ok=True)
     table = markdown(results)
-    (out_dir / "results.md").write_text(table + "\n")
+    with atomic_file(out_dir / "results.md", force=True) as tmp:
+        tmp.write_text(table + "\n")
     write_json(results, out_dir / "results.json")
     written = make_plots(results, out_dir) if plots else []
     click.echo(table)

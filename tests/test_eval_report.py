@@ -120,6 +120,9 @@ def test_cli_smoke_on_the_builtin_checkpoint(tmp_path):
     assert (out / "perplexity.png").stat().st_size > 0 and (out / "passkey.png").stat().st_size > 0
     bad = CliRunner().invoke(main, ["eval", "builtin:mamba2-byte", "--only", "ppl"])
     assert bad.exit_code == 1 and "error: --only takes" in bad.output
+    again = CliRunner().invoke(main, ["eval", "builtin:mamba2-byte", "--recipe", "smoke", "--out", str(out), "--quiet"])
+    assert again.exit_code == 1 and "pass --force" in again.output
+    assert json.loads((out / "results.json").read_text()) == results  # untouched
 
 
 def test_a_model_that_ships_a_tokenizer(tiny, tmp_path):
