@@ -6,9 +6,24 @@ bit-identical. Data are bytes (token = byte) from local ``.txt`` files, sampled 
 windows of ``seq_len + 1`` bytes from a seeded generator. The last ``heldout_share`` of the
 bytes is held out for the periodic evaluation loss.
 
-Checkpoints (``<out>.checkpoint/state.pt``, written atomically) hold the gate tensors, the
-optimizer, the scheduler, the sampler's generator state and the step, so a resumed run
-ends with exactly the same gates as an uninterrupted one.
+Long windows that do not fit (``finetune_step``): ``tbptt=L`` runs each window in chunks of
+``L`` tokens through the family's cache (recurrent state + MC memory) with a backward per
+chunk and the carried state detached in between (truncated backpropagation; the forward
+and the loss are the full window's); ``grad_checkpointing`` recomputes each layer in the
+backward instead (transformers' activation checkpointing; not with a cache, see below).
+
+State passing (Buitrago Ruiz & Gu 2025): with ``state_passing=P`` each step continues the
+previous step's streams with probability ``P`` (``finetune_data.WindowSampler``), starting
+from their final cache (detached), so the gates see memories older than one window.
+
+Data parallel (``finetune_dist``): under ``torchrun`` (``WORLD_SIZE > 1``) every process
+draws the same global batch of ``batch`` windows and trains on its slice; DDP averages the
+gate gradients; rank 0 alone shows progress and writes checkpoints and the output.
+
+Checkpoints (``<out>.checkpoint/``, written atomically) hold the gate tensors, the
+optimizer, the scheduler, the sampler (generator state and the current streams' starts),
+the step and, with state passing, every rank's carried cache (``carry.pt``), so a resumed
+run ends with exactly the same gates as an uninterrupted one.
 """
 from __future__ import annotations
 
@@ -20,11 +35,14 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from . import finetune_dist
 from .errors import MCError
 from .files import atomic_dir, check_target
-from .tasks import EVAL_ONLY
+from .finetune_data import WindowSampler, read_texts, sample_windows, split_heldout  # noqa: F401 (public here)
+from .finetune_step import window_loss_and_backward
 
 STATE_NAME = "state.pt"
+CARRY_NAME = "carry.pt"
 HELDOUT_WINDOWS = 8  # fixed held-out windows per evaluation: cheap and comparable across steps
 
 
@@ -40,49 +58,9 @@ class FinetuneArgs:
     seed: int
     weight_decay: float
     heldout_share: float
-
-
-# -- data ---------------------------------------------------------------------------------
-def read_texts(data) -> bytes:
-    """Bytes from ``data``: a ``.txt`` file, a folder of ``*.txt`` files (sorted; the
-    evaluation-only books are skipped), ``bytes`` (the text itself), or a list of those."""
-    if isinstance(data, (bytes, bytearray)):
-        out = bytes(data)
-    elif isinstance(data, (list, tuple)):
-        out = b"\n\n".join(read_texts(d) for d in data)
-    else:
-        path = Path(data)
-        if not path.exists():
-            raise MCError(f"data path {path} does not exist")
-        if path.is_dir():
-            files = sorted(p for p in path.glob("*.txt") if p.name not in EVAL_ONLY)
-            if not files:
-                raise MCError(f"no training .txt files in {path} (evaluation-only books are skipped)")
-            out = b"\n\n".join(p.read_bytes() for p in files)
-        else:
-            if path.name in EVAL_ONLY:
-                raise MCError(f"{path.name} is an evaluation-only book; do not train on it")
-            out = path.read_bytes()
-    return out
-
-
-def split_heldout(data: bytes, seq_len: int, heldout_share: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Byte tensors (train, held-out); each must hold at least one window of seq_len + 1."""
-    need = seq_len + 1
-    if len(data) == 0:
-        raise MCError("the training data is empty")
-    n_held = max(need, int(len(data) * heldout_share))
-    if len(data) - n_held < need:
-        raise MCError(f"the training data has {len(data)} bytes; need at least {2 * need} "
-                      f"(a {need}-byte window to train on and one held out) at --seq-len {seq_len}")
-    t = torch.frombuffer(bytearray(data), dtype=torch.uint8).long()
-    return t[: len(data) - n_held], t[len(data) - n_held:]
-
-
-def sample_windows(data: torch.Tensor, batch: int, seq_len: int, gen: torch.Generator) -> torch.Tensor:
-    """``batch`` random windows of ``seq_len + 1`` bytes (deterministic given ``gen``)."""
-    starts = torch.randint(0, len(data) - seq_len, (batch,), generator=gen)
-    return torch.stack([data[s: s + seq_len + 1] for s in starts.tolist()])
+    tbptt: int | None = None
+    state_passing: float = 0.0
+    grad_checkpointing: bool = False
 
 
 # -- model --------------------------------------------------------------------------------
@@ -91,8 +69,9 @@ def gate_parameters(model) -> list[tuple[str, torch.nn.Parameter]]:
 
 
 def lm_loss(model, windows: torch.Tensor) -> torch.Tensor:
-    """Mean next-byte cross-entropy (nats) of ``windows [B, L+1]``."""
-    logits = model(windows[:, :-1]).logits
+    """Mean next-byte cross-entropy (nats) of ``windows [B, L+1]`` (no cache: Mamba and
+    RWKV-4 write theirs in place, which autograd cannot differentiate through)."""
+    logits = model(windows[:, :-1], use_cache=False).logits
     return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), windows[:, 1:].reshape(-1))
 
 
@@ -108,33 +87,59 @@ def _schedule(warmup: int, steps: int):
     return factor
 
 
+def _checkpointing(model, on: bool) -> None:
+    """transformers' activation checkpointing (non-reentrant: the MC hooks run again in the
+    recomputation and find a fresh per-call memory, so the recomputed forward is the same)."""
+    if not on:
+        return
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise MCError(f"{type(model).__name__} does not support gradient checkpointing; use --tbptt instead")
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def _checkpointing_off(model) -> None:
+    off = getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable
+    off()
+
+
 # -- checkpoints ----------------------------------------------------------------------------
 def checkpoint_dir(out: str | Path) -> Path:
     out = Path(out).absolute()
     return out.parent / f"{out.name}.checkpoint"
 
 
-def _save_checkpoint(path: Path, model, opt, sched, gen, step: int, args: FinetuneArgs) -> None:
+def _save_checkpoint(path: Path, model, opt, sched, sampler, step: int, args: FinetuneArgs, carries) -> None:
+    """``carries``: every rank's carried cache (rank order), or None without one."""
     state = {
         "step": step,
         "args": asdict(args),
-        "gates": {n: p.detach().clone() for n, p in gate_parameters(model)},
+        "gates": {n: p.detach().clone().cpu() for n, p in gate_parameters(model)},
         "optimizer": opt.state_dict(),
         "scheduler": sched.state_dict(),
-        "generator": gen.get_state(),
+        "sampler": sampler.state_dict(),
     }
     with atomic_dir(path, force=True) as tmp:
         torch.save(state, tmp / STATE_NAME)
+        if carries is not None and any(c is not None for c in carries):
+            # The cache is the family's own object (a transformers Cache, RWKV-4's list of
+            # tensors, fla's Cache) with the MC memory on it: pickled whole, not as weights.
+            torch.save(carries, tmp / CARRY_NAME)
 
 
-def _load_checkpoint(path: Path, model, opt, sched, gen, args: FinetuneArgs) -> int:
+def _load_checkpoint(path: Path, model, opt, sched, sampler, args: FinetuneArgs, rank: int, world: int):
+    """Restore everything; returns (step, this rank's carried cache or None)."""
     file = path / STATE_NAME
     try:
-        state = torch.load(file, weights_only=True)
+        state = torch.load(file, weights_only=True, map_location="cpu")
     except Exception as e:  # noqa: BLE001
         raise MCError(f"could not read the checkpoint {file}: {str(e).splitlines()[0] if str(e) else e}") from None
-    if state["args"] != asdict(args):
-        diff = sorted(k for k in asdict(args) if state["args"].get(k) != asdict(args)[k])
+    want = asdict(args)
+    if state["args"] != want:
+        diff = sorted(k for k in want if state["args"].get(k) != want[k])
         raise MCError(f"checkpoint {path} was made with different settings ({', '.join(diff)}); "
                       "use the same options to resume, or drop --resume")
     params = dict(gate_parameters(model))
@@ -145,15 +150,47 @@ def _load_checkpoint(path: Path, model, opt, sched, gen, args: FinetuneArgs) -> 
             params[n].copy_(v)
     opt.load_state_dict(state["optimizer"])
     sched.load_state_dict(state["scheduler"])
-    gen.set_state(state["generator"])
-    return int(state["step"])
+    sampler.load_state_dict(state["sampler"])
+    carry = None
+    if (path / CARRY_NAME).is_file():
+        device = next(model.parameters()).device
+        # weights_only=False: the carried cache is an arbitrary family object, and this
+        # file is the one our own run wrote next to --out.
+        carries = torch.load(path / CARRY_NAME, weights_only=False, map_location=device)
+        if len(carries) != world:
+            raise MCError(f"checkpoint {path} carries state for {len(carries)} processes, this run has {world}: "
+                          "resume state passing with the same number of processes")
+        carry = carries[rank]
+    return int(state["step"]), carry
 
 
 # -- training loop --------------------------------------------------------------------------
+def _check_args(steps, seq_len, batch, warmup, lr, tbptt, state_passing, grad_checkpointing) -> None:
+    for name, value in (("steps", steps), ("seq_len", seq_len), ("batch", batch)):
+        if int(value) < 1:
+            raise MCError(f"{name} must be a positive integer, not {value!r}")
+    if warmup < 0 or lr <= 0:
+        raise MCError("warmup must be >= 0 and lr > 0")
+    # 1-token chunks would run the families' one-token decoding step, which updates the
+    # cache in place and cannot be differentiated through (see finetune_step.chunk_bounds)
+    if tbptt is not None and not 2 <= int(tbptt) <= seq_len:
+        raise MCError(f"--tbptt must be between 2 and --seq-len ({seq_len}), not {tbptt}")
+    if not 0.0 <= float(state_passing) <= 1.0:
+        raise MCError(f"--state-passing is a probability in [0, 1], not {state_passing}")
+    if state_passing > 0 and seq_len < 2:
+        raise MCError("--state-passing needs --seq-len of at least 2")
+    if grad_checkpointing and ((tbptt is not None and tbptt < seq_len) or state_passing > 0):
+        # transformers turns the cache off under checkpointing in training, and a recomputed
+        # chunk would append its segments to the carried MC memory a second time.
+        raise MCError("--grad-checkpointing cannot be combined with --tbptt shorter than --seq-len "
+                      "or with --state-passing (both run through the model's cache)")
+
+
 def finetune(model, texts_or_dataset, *, steps: int = 200, seq_len: int = 2048, lr: float = 1e-2, batch: int = 4,
              warmup: int = 20, seed: int = 0, out: str | Path | None = None, eval_every: int = 50,
              resume: bool = False, force: bool = False, checkpoint_every: int | None = None,
              stop_at: int | None = None, weight_decay: float = 0.0, heldout_share: float = 0.05,
+             tbptt: int | None = None, state_passing: float = 0.0, grad_checkpointing: bool = False,
              log: Callable[[str], None] = print, progress: bool = True) -> dict:
     """Train only the MC gate parameters of the converted ``model`` (in place).
 
@@ -163,23 +200,29 @@ def finetune(model, texts_or_dataset, *, steps: int = 200, seq_len: int = 2048, 
     ``out`` as a converted directory (the checkpoint is then removed). ``stop_at`` ends the
     run early at that step after checkpointing (to train in stages); ``resume`` continues
     from the checkpoint. ``weight_decay`` is 0 by default: decaying ``cache_weight`` would
-    pull the model towards the base model for no reason."""
+    pull the model towards the base model for no reason.
+
+    ``tbptt``: truncated backpropagation in chunks of that many tokens (2..seq_len; None or
+    seq_len: whole windows, the plain run). ``state_passing``: probability in [0, 1] that a
+    step continues the previous step's streams from their final state (along a continued
+    stream the MC memory keeps growing; ``max_cached_segments`` caps it).
+    ``grad_checkpointing``: recompute each layer in the backward (whole windows only).
+    Under ``torchrun`` (``WORLD_SIZE > 1``) ``batch`` is the global batch, split evenly over
+    the processes; rank 0 logs and writes."""
     from tqdm.auto import tqdm
 
     from .model import save_converted
 
     if getattr(model, "mc_config", None) is None:
         raise MCError("model is not converted; call mc_retrofit.convert(model, MCConfig(...)) first")
-    for name, value in (("steps", steps), ("seq_len", seq_len), ("batch", batch)):
-        if int(value) < 1:
-            raise MCError(f"{name} must be a positive integer, not {value!r}")
-    if warmup < 0 or lr <= 0:
-        raise MCError("warmup must be >= 0 and lr > 0")
+    _check_args(steps, seq_len, batch, warmup, lr, tbptt, state_passing, grad_checkpointing)
     if resume and out is None:
         raise MCError("resume needs out (the checkpoint lives next to it)")
     if out is not None and not force:
         check_target(Path(out).absolute(), force)
-    args = FinetuneArgs(steps, seq_len, float(lr), batch, warmup, seed, float(weight_decay), float(heldout_share))
+    tbptt = None if tbptt is None or int(tbptt) >= seq_len else int(tbptt)  # seq_len: the plain run
+    args = FinetuneArgs(steps, seq_len, float(lr), batch, warmup, seed, float(weight_decay), float(heldout_share),
+                        tbptt, float(state_passing), bool(grad_checkpointing))
     train, held = split_heldout(read_texts(texts_or_dataset), seq_len, heldout_share)
     vocab = model.config.vocab_size
     if int(max(train.max(), held.max())) >= vocab:
@@ -188,65 +231,93 @@ def finetune(model, texts_or_dataset, *, steps: int = 200, seq_len: int = 2048, 
     params = gate_parameters(model)
     if not params:
         raise MCError("the model has no MC gate parameters to train")
+    dist = finetune_dist.setup(model, batch)
+    if not dist.main:
+        log, progress = (lambda s: None), False
+    device = next(model.parameters()).device
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    was_training = model.training
     gate_names = {n for n, _ in params}
     for n, p in model.named_parameters():
         p.requires_grad_(n in gate_names)
     n_train = sum(p.numel() for _, p in params)
     n_total = sum(p.numel() for p in model.parameters())
-    log(f"trainable: {n_train} gate parameters of {n_total} ({100 * n_train / n_total:.4f}% of the model)")
+    log(f"trainable: {n_train} gate parameters of {n_total} ({100 * n_train / n_total:.4f}% of the model)"
+        + (f"; {dist.world} processes, {batch // dist.world} windows each" if dist.world > 1 else ""))
 
     opt = torch.optim.AdamW([p for _, p in params], lr=lr, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(warmup, steps))
-    gen = torch.Generator().manual_seed(seed)
+    sampler = WindowSampler(train, batch, seq_len, torch.Generator().manual_seed(seed), state_passing)
     held_gen = torch.Generator().manual_seed(seed + 1)  # separate: evaluation never moves the training sampler
-    held_windows = sample_windows(held, min(HELDOUT_WINDOWS, batch * 2), seq_len, held_gen)
+    held_windows = sample_windows(held, min(HELDOUT_WINDOWS, batch * 2), seq_len, held_gen).to(device)
     ckpt = checkpoint_dir(out) if out is not None else None
     every = checkpoint_every or eval_every
 
-    step = 0
+    step, carry = 0, None
     if resume:
         if not (ckpt / STATE_NAME).is_file():
             raise MCError(f"no checkpoint to resume at {ckpt}")
-        step = _load_checkpoint(ckpt, model, opt, sched, gen, args)
+        step, carry = _load_checkpoint(ckpt, model, opt, sched, sampler, args, dist.rank, dist.world)
         log(f"resumed from {ckpt} at step {step}")
 
     def heldout() -> float:
-        with torch.no_grad():
-            return float(lm_loss(model, held_windows))
+        mode = model.training
+        model.eval()  # no dropout, no activation checkpointing in the evaluation
+        try:
+            with torch.no_grad():
+                return float(lm_loss(model, held_windows))
+        finally:
+            model.train(mode)
 
     history: list[tuple[int, float]] = []
     train_loss = float("nan")
     end = steps if stop_at is None else min(steps, stop_at)
+    trainee = None
     try:
+        _checkpointing(model, grad_checkpointing)
+        model.train(grad_checkpointing or was_training)  # transformers checkpoints only in training mode
+        trainee = finetune_dist.wrap(model, dist)
+        no_sync = getattr(trainee, "no_sync", None) if tbptt is not None else None
         bar = tqdm(total=steps, initial=step, desc="finetune gates", disable=not progress, dynamic_ncols=True)
         while step < end:
-            windows = sample_windows(train, batch, seq_len, gen)
+            windows, continued = sampler.next()
+            windows = dist.shard(windows).to(device)
             opt.zero_grad(set_to_none=True)
-            loss = lm_loss(model, windows)
-            loss.backward()
+            loss, carry = window_loss_and_backward(
+                trainee, windows, [p for _, p in params], tbptt=tbptt, cache=carry if continued else None,
+                keep_cache=state_passing > 0, no_sync=no_sync)
             used_lr = sched.get_last_lr()[0]  # the rate this step ran with (step() moves to the next)
             opt.step()
             sched.step()
             step += 1
-            train_loss = float(loss.detach())
+            train_loss = float(dist.mean(loss))
             bar.update(1)
             bar.set_postfix(loss=f"{train_loss:.4f}", lr=f"{used_lr:.2e}")
             if eval_every and (step % eval_every == 0 or step == steps):
                 history.append((step, heldout()))
-                bar.write(f"step {step}: held-out loss {history[-1][1]:.4f} nats/byte")
+                (bar.write if progress else log)(f"step {step}: held-out loss {history[-1][1]:.4f} nats/byte")
             if ckpt is not None and ((every and step % every == 0) or step == end) and step < steps:
-                _save_checkpoint(ckpt, model, opt, sched, gen, step, args)
+                carries = dist.gather(carry) if state_passing > 0 else None
+                if dist.main:
+                    _save_checkpoint(ckpt, model, opt, sched, sampler, step, args, carries)
+                dist.barrier()  # nobody runs ahead of a checkpoint that is still being written
         bar.close()
     finally:
+        del trainee
+        if grad_checkpointing:
+            _checkpointing_off(model)
+        model.train(was_training)
         for n, p in model.named_parameters():
             p.requires_grad_(flags[n])
     held_loss = history[-1][1] if history and history[-1][0] == step else heldout()
-    if out is not None and step >= steps:
+    if out is not None and step >= steps and dist.main:
         save_converted(model, out, force=force)
         if ckpt.exists():
             import shutil
 
             shutil.rmtree(ckpt, ignore_errors=True)
         log(f"wrote {out}")
+    dist.barrier()
+    dist.close()
     return {"step": step, "train_loss": train_loss, "heldout_loss": held_loss, "history": history}
+

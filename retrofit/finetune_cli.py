@@ -1,6 +1,7 @@
 """``mc-retrofit finetune``: train only the MC gate parameters for length extrapolation."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import click
@@ -24,18 +25,35 @@ FINETUNE_DEFAULTS = {"cache_weight": 0.0, "gate_source": "learned"}
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--eval-every", type=click.IntRange(min=0), default=50, show_default=True,
               help="Held-out loss (and checkpoint) every N steps; 0 = only at the end.")
+@click.option("--tbptt", type=int, default=None, metavar="L",
+              help="Truncated backpropagation: run each window in chunks of L tokens through the model's cache "
+                   "(recurrent state + MC memory), backward per chunk, state detached between chunks. Same loss, "
+                   "activations of one chunk at a time. 2 <= L <= --seq-len.")
+@click.option("--state-passing", type=float, default=0.0, show_default=True, metavar="P",
+              help="Probability in [0, 1] that a step continues the previous step's text streams from their final "
+                   "state (cache + MC memory), so the gates see memories older than one window.")
+@click.option("--grad-checkpointing", is_flag=True,
+              help="Recompute each layer in the backward (transformers' activation checkpointing) to fit long "
+                   "windows; not combinable with --tbptt < --seq-len or --state-passing.")
 @click.option("--resume", is_flag=True, help="Continue from <out>.checkpoint.")
 @click.option("--force", is_flag=True, help="Overwrite --out if it exists.")
 @mc_options
 @friendly
-def command(model_path, data, out, steps, seq_len, lr, batch, warmup, seed, eval_every, resume, force, **mc):
-    """Train only the Memory Caching gates of MODEL (original checkpoint or converted dir) on --data."""
+def command(model_path, data, out, steps, seq_len, lr, batch, warmup, seed, eval_every, tbptt, state_passing,
+            grad_checkpointing, resume, force, **mc):
+    """Train only the Memory Caching gates of MODEL (original checkpoint or converted dir) on --data.
+
+    \b
+    Data parallel: torchrun --nproc-per-node N -m mc_retrofit finetune MODEL ...
+    (--batch is the global batch, split over the N processes; rank 0 writes --out).
+    Resume (--resume) needs the same options, and with --state-passing the same N."""
     import torch
 
     from . import model as m
     from .files import check_target
-    from .finetune import finetune, read_texts
+    from .finetune import _check_args, finetune, read_texts
 
+    _check_args(steps, seq_len, batch, warmup, lr, tbptt, state_passing, grad_checkpointing)  # before any loading
     if not Path(data).exists():
         raise MCError(f"data path {data} does not exist")
     if not force:
@@ -53,6 +71,9 @@ def command(model_path, data, out, steps, seq_len, lr, batch, warmup, seed, eval
         model = m.convert(m.load_base(p), build_config(**values))
     torch.manual_seed(seed)
     result = finetune(model, data, steps=steps, seq_len=seq_len, lr=lr, batch=batch, warmup=warmup, seed=seed,
-                      out=out, eval_every=eval_every, resume=resume, force=force, log=click.echo)
+                      out=out, eval_every=eval_every, resume=resume, force=force, tbptt=tbptt,
+                      state_passing=state_passing, grad_checkpointing=grad_checkpointing, log=click.echo)
+    if os.environ.get("RANK", "0") != "0":  # another process of a torchrun run: rank 0 reports
+        return
     click.echo(f"finetuned {model_path} for {result['step']} steps: train loss {result['train_loss']:.4f}, "
                f"held-out loss {result['heldout_loss']:.4f} nats/byte -> {out}")

@@ -243,7 +243,8 @@ def rotary_apply_ref(x, cos, sin, interleaved=False, inplace=False, seqlen_offse
 # -- activations ----------------------------------------------------------------------
 # fla binds its activations at import (``swish = SwishFunction.apply``), so they are
 # routed one level down: the ``*_fwd`` / ``*_bwd`` helpers each Function's forward and
-# backward look up in ``fla.modules.activations.ops`` at call time.
+# backward look up in ``fla.modules.activations.ops`` at call time (for the gated MLP's
+# SwiGLU / SigmoidGLU, whose backward is one fused ``*glu_fwdbwd``, that one too).
 def _f32(fn):
     def ref(x, *rest, **kwargs):
         return fn(x.float(), *(r.float() if isinstance(r, torch.Tensor) else r for r in rest), **kwargs).to(x.dtype)
@@ -275,6 +276,22 @@ def _grad_of(fwd):
     return bwd
 
 
+def _glu_fwdbwd(act):
+    """``swiglu_fwdbwd`` / ``sigmoidglu_fwdbwd(x, y, g, use_weight)``: the gradients of
+    ``act(x) * y`` by autograd through the reference (and the product itself when
+    ``use_weight``), fp32 inside. The gated MLP's backward calls it: training needs it."""
+
+    def fwdbwd(x, y, g, use_weight=False, output_contiguous=False):
+        with torch.enable_grad():
+            xr, yr = x.detach().float().requires_grad_(True), y.detach().float().requires_grad_(True)
+            z = act(xr) * yr
+            dx, dy = torch.autograd.grad(z, (xr, yr), g.float())
+        out = (dx.to(x.dtype), dy.to(y.dtype))
+        return out + (z.detach().to(x.dtype),) if use_weight else out
+
+    return fwdbwd
+
+
 ACTIVATION_REFS = {name: _f32(fn) for name, fn in _ACT_FWD.items()}
 ACTIVATION_REFS.update({
     "sigmoid_bwd": _grad_of(_ACT_FWD["sigmoid_fwd"]),
@@ -282,6 +299,8 @@ ACTIVATION_REFS.update({
     "logsigmoid_bwd": _grad_of(_ACT_FWD["logsigmoid_fwd"]),
     "swish_bwd": _grad_of(_ACT_FWD["swish_fwd"]),
     "sqrelu_bwd": lambda g, x: (2.0 * g.float() * F.relu(x.float())).to(x.dtype),
+    "swiglu_fwdbwd": _glu_fwdbwd(F.silu),
+    "sigmoidglu_fwdbwd": _glu_fwdbwd(torch.sigmoid),
 })
 
 

@@ -163,3 +163,28 @@ def test_gpu_tensors_bypass_the_routing():
     from fla.ops.gla import chunk_gla
 
     assert op.__mc_cpu_original__ is chunk_gla
+
+
+@pytest.mark.parametrize("name,act", [("swiglu", F.silu), ("sigmoidglu", torch.sigmoid)])
+def test_glu_backward_routes_give_autograd_gradients(name, act):
+    """The gated MLP's backward (``*glu_fwdbwd``, and through it ``*glu`` / ``*glu_linear``)
+    gives the gradients autograd gets for ``act(x) * y`` (and its linear layer)."""
+    from fla.modules import activations
+
+    x, y, g = rnd(3, 5, 8), rnd(3, 5, 8), rnd(3, 5, 8)
+    xr, yr = x.clone().requires_grad_(True), y.clone().requires_grad_(True)
+    z = act(xr) * yr
+    want_dx, want_dy = torch.autograd.grad(z, (xr, yr), g)
+    dx, dy, zz = getattr(activations.ops, f"{name}_fwdbwd")(x, y, g, use_weight=True)
+    assert torch.allclose(dx, want_dx, atol=1e-6) and torch.allclose(dy, want_dy, atol=1e-6)
+    assert torch.allclose(zz, z.detach(), atol=1e-6)
+    assert len(getattr(activations.ops, f"{name}_fwdbwd")(x, y, g)) == 2
+
+    w, b = rnd(4, 8), rnd(4)
+    xa, ya, wa = x.clone().requires_grad_(True), y.clone().requires_grad_(True), w.clone().requires_grad_(True)
+    xb, yb, wb = x.clone().requires_grad_(True), y.clone().requires_grad_(True), w.clone().requires_grad_(True)
+    out_grad = rnd(3, 5, 4)
+    (getattr(activations, f"{name}_linear")(xa, ya, wa, b) * out_grad).sum().backward()
+    (F.linear(act(xb) * yb, wb, b) * out_grad).sum().backward()
+    for a, want in ((xa, xb), (ya, yb), (wa, wb)):
+        assert torch.allclose(a.grad, want.grad, atol=1e-5)

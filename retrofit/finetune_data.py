@@ -1,0 +1,95 @@
+"""Training data for gate-only fine-tuning: bytes from ``.txt`` files, a held-out tail, and
+the window sampler (random windows, or continuations of the previous step's windows when
+state passing is on)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .errors import MCError
+from .tasks import EVAL_ONLY
+
+
+def read_texts(data) -> bytes:
+    """Bytes from ``data``: a ``.txt`` file, a folder of ``*.txt`` files (sorted; the
+    evaluation-only books are skipped), ``bytes`` (the text itself), or a list of those."""
+    if isinstance(data, (bytes, bytearray)):
+        out = bytes(data)
+    elif isinstance(data, (list, tuple)):
+        out = b"\n\n".join(read_texts(d) for d in data)
+    else:
+        path = Path(data)
+        if not path.exists():
+            raise MCError(f"data path {path} does not exist")
+        if path.is_dir():
+            files = sorted(p for p in path.glob("*.txt") if p.name not in EVAL_ONLY)
+            if not files:
+                raise MCError(f"no training .txt files in {path} (evaluation-only books are skipped)")
+            out = b"\n\n".join(p.read_bytes() for p in files)
+        else:
+            if path.name in EVAL_ONLY:
+                raise MCError(f"{path.name} is an evaluation-only book; do not train on it")
+            out = path.read_bytes()
+    return out
+
+
+def split_heldout(data: bytes, seq_len: int, heldout_share: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Byte tensors (train, held-out); each must hold at least one window of seq_len + 1."""
+    need = seq_len + 1
+    if len(data) == 0:
+        raise MCError("the training data is empty")
+    n_held = max(need, int(len(data) * heldout_share))
+    if len(data) - n_held < need:
+        raise MCError(f"the training data has {len(data)} bytes; need at least {2 * need} "
+                      f"(a {need}-byte window to train on and one held out) at --seq-len {seq_len}")
+    t = torch.frombuffer(bytearray(data), dtype=torch.uint8).long()
+    return t[: len(data) - n_held], t[len(data) - n_held:]
+
+
+def windows_at(data: torch.Tensor, starts: torch.Tensor, seq_len: int) -> torch.Tensor:
+    return torch.stack([data[s: s + seq_len + 1] for s in starts.tolist()])
+
+
+def sample_windows(data: torch.Tensor, batch: int, seq_len: int, gen: torch.Generator) -> torch.Tensor:
+    """``batch`` random windows of ``seq_len + 1`` bytes (deterministic given ``gen``)."""
+    return windows_at(data, _random_starts(data, batch, seq_len, gen), seq_len)
+
+
+def _random_starts(data: torch.Tensor, batch: int, seq_len: int, gen: torch.Generator) -> torch.Tensor:
+    return torch.randint(0, len(data) - seq_len, (batch,), generator=gen)
+
+
+class WindowSampler:
+    """The global batch of each step, deterministic given ``gen``.
+
+    Without state passing (``passing == 0``) it draws exactly what :func:`sample_windows`
+    draws, so plain runs are unchanged. With ``passing = P > 0`` each step after the first
+    draws one uniform number; below ``P`` the step continues the previous step's streams
+    (window ``i`` starts where the previous window ``i``'s input ended, ``seq_len`` bytes
+    later) and the trainer carries their final state over. A continuation that would run
+    past the end of the data starts fresh instead (the draw is still consumed, so the
+    stream of random numbers does not depend on the data length)."""
+
+    def __init__(self, data: torch.Tensor, batch: int, seq_len: int, gen: torch.Generator, passing: float = 0.0):
+        self.data, self.batch, self.seq_len, self.gen, self.passing = data, batch, seq_len, gen, float(passing)
+        self.starts: torch.Tensor | None = None  # the previous step's window starts
+
+    def next(self) -> tuple[torch.Tensor, bool]:
+        """(windows ``[batch, seq_len + 1]``, whether they continue the previous step's)."""
+        continued = False
+        if self.passing > 0 and self.starts is not None:
+            draw = float(torch.rand((), generator=self.gen))
+            following = self.starts + self.seq_len
+            if draw < self.passing and int(following.max()) + self.seq_len + 1 <= len(self.data):
+                self.starts, continued = following, True
+        if not continued:
+            self.starts = _random_starts(self.data, self.batch, self.seq_len, self.gen)
+        return windows_at(self.data, self.starts, self.seq_len), continued
+
+    def state_dict(self) -> dict:
+        return {"generator": self.gen.get_state(), "starts": self.starts}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.gen.set_state(state["generator"])
+        self.starts = state["starts"]

@@ -1,0 +1,152 @@
+"""One training step's forward and backward: whole windows, or segment-wise truncated
+backpropagation (TBPTT) through the family's own cache.
+
+Chunked prefill with ``use_cache=True`` computes exactly what one full forward computes:
+the family's cache object carries the recurrent state and, as ``_mc_memory``, the Memory
+Caching memory (cached states, pooled keys, the open segment's key sum). TBPTT runs a
+window's chunks in order through that cache and calls ``backward`` after each chunk, so
+only one chunk's activations are alive at a time; between chunks every tensor the cache
+holds is detached, which truncates the gradient at the chunk boundary and frees the
+previous chunk's graph. The forward, hence the loss value, is the full-window one.
+"""
+from __future__ import annotations
+
+import contextlib
+import inspect
+
+import torch
+import torch.nn.functional as F
+
+# (keyword the model's forward takes the cache as, attribute the output returns it in)
+_CACHE_ARGS = (("cache_params", "cache_params"), ("past_key_values", "past_key_values"), ("state", "state"))
+
+
+def cache_argument(model) -> tuple[str, str]:
+    """How ``model`` takes and returns its recurrent cache (Mamba/Mamba2: ``cache_params``,
+    fla: ``past_key_values``, RWKV-4: ``state``)."""
+    params = inspect.signature(type(model).forward).parameters
+    for arg, attr in _CACHE_ARGS:
+        if arg in params:
+            return arg, attr
+    raise TypeError(f"{type(model).__name__}.forward takes no recurrent cache argument")
+
+
+def forward_with_cache(model, ids: torch.Tensor, cache, names: tuple[str, str]):
+    """(logits, cache after ``ids``) continuing from ``cache`` (None: a fresh start)."""
+    arg, attr = names
+    out = model(ids, **{arg: cache}, use_cache=True)
+    return out.logits, getattr(out, attr)
+
+
+def detach_state(obj, _seen: set | None = None):
+    """Detach, in place, every tensor a cache object holds (its attributes, lists, dicts,
+    the MC memory's ``LayerMemory`` objects). Returns the object; a bare tensor comes back
+    as a detached tensor (with its Python attributes, e.g. RWKV-4's ``_mc_memory``)."""
+    seen = set() if _seen is None else _seen
+    if id(obj) in seen:
+        return obj
+    seen.add(id(obj))
+    if isinstance(obj, torch.Tensor):
+        extra = getattr(obj, "__dict__", None) or {}
+        out = obj.detach()
+        for key, value in extra.items():
+            setattr(out, key, detach_state(value, seen))
+        return out
+    if isinstance(obj, list):
+        obj[:] = [detach_state(v, seen) for v in obj]
+    elif isinstance(obj, tuple):
+        items = [detach_state(v, seen) for v in obj]
+        return type(obj)(*items) if hasattr(obj, "_fields") else type(obj)(items)  # namedtuple or tuple
+    elif isinstance(obj, dict):
+        for key in list(obj):
+            obj[key] = detach_state(obj[key], seen)
+    elif hasattr(obj, "__dict__") and not isinstance(obj, (type, torch.nn.Module)):
+        for key, value in list(vars(obj).items()):
+            if isinstance(value, (torch.Tensor, list, tuple, dict)) or hasattr(value, "__dict__"):
+                new = detach_state(value, seen)
+                if new is not value:
+                    setattr(obj, key, new)
+    return obj
+
+
+# Families whose forward writes its cache in place, layer by layer, into tensors it has
+# already read from (transformers' Mamba ``conv_states``/``ssm_states``, RWKV-4's ``state``
+# list): once the cache holds values that depend on the gates, autograd refuses the
+# backward ("modified by an inplace operation"). For them every tensor the forward saves
+# for the backward is saved as a copy taken when it was used, which is exactly the value
+# the op computed with (costs one copy of the chunk's saved activations). Mamba2's cache
+# (transformers' DynamicCache) and fla's are not (checked on CPU for every fla family).
+CLONE_SAVED = {"mamba", "rwkv4"}
+
+
+def _clone(t: torch.Tensor):
+    return t if isinstance(t, torch.nn.Parameter) else t.clone()
+
+
+def _same(t: torch.Tensor):
+    return t
+
+
+def _anchor(params) -> torch.Tensor:
+    """``0 * sum(params)``: added to every chunk's loss so each backward reaches every gate
+    parameter (a zero gradient where the chunk does not use it, e.g. a first chunk with no
+    cached segment yet). Backward is then always possible, and DistributedDataParallel sees
+    every trainable parameter in every step (no ``find_unused_parameters`` needed).
+    It changes neither the loss value nor any gradient's value; a parameter a step does
+    not use gets a zero gradient instead of none (AdamW then still applies its momentum)."""
+    return sum(p.sum() for p in params) * 0.0
+
+
+def window_loss_and_backward(model, windows: torch.Tensor, params, *, tbptt: int | None = None, cache=None,
+                             keep_cache: bool = False, names: tuple[str, str] | None = None, no_sync=None):
+    """Forward and backward of one batch of windows ``[B, L+1]`` (gradients accumulate into
+    ``.grad``). Returns (mean next-byte loss as a detached tensor, the final cache or None).
+
+    ``tbptt``: chunk length (None or >= L: one chunk). ``cache``: the state to start from
+    (state passing); ``keep_cache``: run through the cache even for one chunk and return it.
+    ``no_sync``: DDP's ``model.no_sync`` (every chunk but the last runs under it, so the
+    gradients are all-reduced once per step, after the last chunk)."""
+    T = windows.shape[1] - 1
+    chunk = T if tbptt is None else min(int(tbptt), T)
+    use_cache = cache is not None or keep_cache or chunk < T
+    if use_cache and names is None:
+        names = cache_argument(_unwrap(model))
+    total = torch.zeros((), device=windows.device)
+    bounds = chunk_bounds(T, chunk)
+    for i, (a, b) in enumerate(bounds):
+        last = i == len(bounds) - 1
+        with contextlib.ExitStack() as stack:
+            if no_sync is not None and not last:
+                stack.enter_context(no_sync())
+            if use_cache:
+                if _unwrap(model).mc_config.family in CLONE_SAVED:
+                    stack.enter_context(torch.autograd.graph.saved_tensors_hooks(_clone, _same))
+                logits, cache = forward_with_cache(model, windows[:, a:b], cache, names)
+            else:
+                logits = model(windows[:, a:b], use_cache=False).logits
+            # mean over the chunk, weighted by its share of the window: the chunks sum to the
+            # window's mean (one chunk: exactly F.cross_entropy's mean, no reweighting)
+            loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]),
+                                   windows[:, a + 1: b + 1].reshape(-1))
+            if b - a != T:
+                loss = loss * ((b - a) / T)
+            (loss + _anchor(params)).backward()
+        total = total + loss.detach()
+        del logits, loss
+        if cache is not None:
+            cache = detach_state(cache)
+    return total, (cache if use_cache else None)
+
+
+def chunk_bounds(T: int, chunk: int) -> list[tuple[int, int]]:
+    """``[a, b)`` chunks of ``chunk`` tokens covering ``T``; a one-token remainder joins the
+    chunk before it. A one-token call would take the families' decoding step, which
+    updates the cache in place and so cannot be differentiated through."""
+    bounds = [(a, min(T, a + chunk)) for a in range(0, T, chunk)]
+    if len(bounds) > 1 and bounds[-1][1] - bounds[-1][0] == 1:
+        bounds[-2:] = [(bounds[-2][0], T)]
+    return bounds
+
+
+def _unwrap(model):
+    return getattr(model, "module", model)  # DistributedDataParallel keeps the model as .module
