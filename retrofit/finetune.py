@@ -38,7 +38,8 @@ import torch.nn.functional as F
 from . import finetune_dist
 from .errors import MCError
 from .files import atomic_dir, check_target
-from .finetune_data import WindowSampler, read_texts, sample_windows, split_heldout  # noqa: F401 (public here)
+from .finetune_data import (RowSampler, WindowSampler, labelled_rows, read_texts, sample_windows,  # noqa: F401
+                            split_heldout, split_rows)
 from .finetune_step import window_loss_and_backward
 
 STATE_NAME = "state.pt"
@@ -69,8 +70,13 @@ def gate_parameters(model) -> list[tuple[str, torch.nn.Parameter]]:
 
 
 def lm_loss(model, windows: torch.Tensor) -> torch.Tensor:
-    """Mean next-byte cross-entropy (nats) of ``windows [B, L+1]`` (no cache: Mamba and
-    RWKV-4 write theirs in place, which autograd cannot differentiate through)."""
+    """Mean next-byte cross-entropy (nats) of ``windows [B, L+1]``, or of labelled sequences
+    ``[B, 2, L+1]`` (see ``finetune_step``) (no cache: Mamba and RWKV-4 write theirs in place,
+    which autograd cannot differentiate through)."""
+    if windows.dim() == 3:
+        logits = model(windows[:, 0, :-1], use_cache=False).logits
+        return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), windows[:, 1, :-1].reshape(-1),
+                               ignore_index=-100)
     logits = model(windows[:, :-1], use_cache=False).logits
     return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), windows[:, 1:].reshape(-1))
 
@@ -192,7 +198,13 @@ def finetune(model, texts_or_dataset, *, steps: int = 200, seq_len: int = 2048, 
              stop_at: int | None = None, weight_decay: float = 0.0, heldout_share: float = 0.05,
              tbptt: int | None = None, state_passing: float = 0.0, grad_checkpointing: bool = False,
              log: Callable[[str], None] = print, progress: bool = True) -> dict:
-    """Train only the MC gate parameters of the converted ``model`` (in place).
+    """Train only the MC gate parameters of the converted ``model`` (in place) on
+    ``texts_or_dataset``: text (see :func:`read_texts`; random byte windows); or token
+    sequences (synthetic tasks; whole rows are sampled, the last ``heldout_share`` of them is
+    held out): a tensor ``[N, seq_len + 1]`` (next-token loss everywhere), or a pair
+    ``(input_ids [N, seq_len], labels [N, seq_len])`` whose labels give the target of each
+    position, ``-100`` where nothing is scored (e.g. ``mc_retrofit.tasks.mqar``'s inputs and
+    targets).
 
     Returns ``{"step", "train_loss", "heldout_loss", "history"}``; ``history`` lists
     ``(step, heldout_loss)``. With ``out``, checkpoints go to ``<out>.checkpoint`` every
@@ -223,10 +235,21 @@ def finetune(model, texts_or_dataset, *, steps: int = 200, seq_len: int = 2048, 
     tbptt = None if tbptt is None or int(tbptt) >= seq_len else int(tbptt)  # seq_len: the plain run
     args = FinetuneArgs(steps, seq_len, float(lr), batch, warmup, seed, float(weight_decay), float(heldout_share),
                         tbptt, float(state_passing), bool(grad_checkpointing))
-    train, held = split_heldout(read_texts(texts_or_dataset), seq_len, heldout_share)
+    if isinstance(texts_or_dataset, (tuple, list)) and len(texts_or_dataset) == 2 \
+            and all(isinstance(t, torch.Tensor) for t in texts_or_dataset):
+        texts_or_dataset = labelled_rows(*texts_or_dataset)
+    rows = isinstance(texts_or_dataset, torch.Tensor)  # pre-tokenised sequences
+    if rows:
+        if state_passing:
+            raise MCError("state passing needs text streams; token sequences are independent rows")
+        train, held = split_rows(texts_or_dataset, seq_len, heldout_share)
+    else:
+        train, held = split_heldout(read_texts(texts_or_dataset), seq_len, heldout_share)
     vocab = model.config.vocab_size
-    if int(max(train.max(), held.max())) >= vocab:
-        raise MCError(f"the data has bytes >= {vocab}, the model's vocabulary size: byte-level models only")
+    tokens = (train[:, 0], held[:, 0]) if rows and train.dim() == 3 else (train, held)
+    if int(max(t.max() for t in tokens)) >= vocab or int(min(t.min() for t in tokens)) < 0:
+        raise MCError(f"the data has tokens outside the model's vocabulary (0..{vocab - 1})"
+                      + ("" if rows else ": byte-level models only"))
 
     params = gate_parameters(model)
     if not params:
@@ -247,9 +270,11 @@ def finetune(model, texts_or_dataset, *, steps: int = 200, seq_len: int = 2048, 
 
     opt = torch.optim.AdamW([p for _, p in params], lr=lr, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(warmup, steps))
-    sampler = WindowSampler(train, batch, seq_len, torch.Generator().manual_seed(seed), state_passing)
+    gen = torch.Generator().manual_seed(seed)
+    sampler = RowSampler(train, batch, gen) if rows else WindowSampler(train, batch, seq_len, gen, state_passing)
     held_gen = torch.Generator().manual_seed(seed + 1)  # separate: evaluation never moves the training sampler
-    held_windows = sample_windows(held, min(HELDOUT_WINDOWS, batch * 2), seq_len, held_gen).to(device)
+    n_held = min(HELDOUT_WINDOWS, batch * 2)
+    held_windows = (held[:n_held] if rows else sample_windows(held, n_held, seq_len, held_gen)).to(device)
     ckpt = checkpoint_dir(out) if out is not None else None
     every = checkpoint_every or eval_every
 

@@ -93,3 +93,44 @@ class WindowSampler:
     def load_state_dict(self, state: dict) -> None:
         self.gen.set_state(state["generator"])
         self.starts = state["starts"]
+
+
+# -- pre-tokenised sequences (synthetic tasks) -----------------------------------------------
+def labelled_rows(input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """``(input_ids [N, L], labels [N, L])`` -> ``[N, 2, L+1]`` rows (a last unused column,
+    so that rows have the windows' ``L + 1`` length)."""
+    if input_ids.dim() != 2 or input_ids.shape != labels.shape:
+        raise MCError(f"input_ids and labels must both be [N, L]; got {list(input_ids.shape)} and {list(labels.shape)}")
+    pad = torch.full((input_ids.shape[0], 1), -100, dtype=torch.long)
+    ids = torch.cat([input_ids.long(), torch.zeros_like(pad)], 1)
+    return torch.stack([ids, torch.cat([labels.long(), pad], 1)], 1)
+
+
+def split_rows(rows: torch.Tensor, seq_len: int, heldout_share: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token sequences ``[N, seq_len + 1]`` (or labelled ``[N, 2, seq_len + 1]``) ->
+    (train rows, held-out rows: the last share)."""
+    if rows.dim() not in (2, 3) or rows.shape[-1] != seq_len + 1 or (rows.dim() == 3 and rows.shape[1] != 2):
+        raise MCError(f"token sequences must be shaped [N, seq_len + 1] = [N, {seq_len + 1}] (or input_ids and "
+                      f"labels of [N, {seq_len}]), not {list(rows.shape)}")
+    n_held = max(1, int(rows.shape[0] * heldout_share))
+    if rows.shape[0] - n_held < 1:
+        raise MCError(f"{rows.shape[0]} token sequences are too few: need one to train on and one held out")
+    rows = rows.long()
+    return rows[: rows.shape[0] - n_held], rows[rows.shape[0] - n_held:]
+
+
+class RowSampler:
+    """:class:`WindowSampler` for whole pre-tokenised sequences: each step draws ``batch``
+    rows (never a continuation: sequences are independent)."""
+
+    def __init__(self, rows: torch.Tensor, batch: int, gen: torch.Generator):
+        self.rows, self.batch, self.gen = rows, batch, gen
+
+    def next(self) -> tuple[torch.Tensor, bool]:
+        return self.rows[torch.randint(0, self.rows.shape[0], (self.batch,), generator=self.gen)], False
+
+    def state_dict(self) -> dict:
+        return {"generator": self.gen.get_state(), "starts": None}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.gen.set_state(state["generator"])

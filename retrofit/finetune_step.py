@@ -99,13 +99,18 @@ def _anchor(params) -> torch.Tensor:
 
 def window_loss_and_backward(model, windows: torch.Tensor, params, *, tbptt: int | None = None, cache=None,
                              keep_cache: bool = False, names: tuple[str, str] | None = None, no_sync=None):
-    """Forward and backward of one batch of windows ``[B, L+1]`` (gradients accumulate into
-    ``.grad``). Returns (mean next-byte loss as a detached tensor, the final cache or None).
+    """Forward and backward of one batch of windows ``[B, L+1]`` (next-token targets), or of
+    labelled sequences ``[B, 2, L+1]`` (inputs, then the label of each position, -100 =
+    not scored; the last column unused) (gradients accumulate into ``.grad``). Returns (mean next-byte loss as a detached tensor, the final cache or None).
 
     ``tbptt``: chunk length (None or >= L: one chunk). ``cache``: the state to start from
     (state passing); ``keep_cache``: run through the cache even for one chunk and return it.
     ``no_sync``: DDP's ``model.no_sync`` (every chunk but the last runs under it, so the
     gradients are all-reduced once per step, after the last chunk)."""
+    labelled = windows.dim() == 3  # [B, 2, L+1]: inputs and their own labels (token sequences)
+    if labelled:
+        windows, labels = windows[:, 0], windows[:, 1]
+        n_valid = (labels[:, :-1] != -100).sum().clamp_min(1)
     T = windows.shape[1] - 1
     chunk = T if tbptt is None else min(int(tbptt), T)
     use_cache = cache is not None or keep_cache or chunk < T
@@ -126,10 +131,14 @@ def window_loss_and_backward(model, windows: torch.Tensor, params, *, tbptt: int
                 logits = model(windows[:, a:b], use_cache=False).logits
             # mean over the chunk, weighted by its share of the window: the chunks sum to the
             # window's mean (one chunk: exactly F.cross_entropy's mean, no reweighting)
-            loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]),
-                                   windows[:, a + 1: b + 1].reshape(-1))
-            if b - a != T:
-                loss = loss * ((b - a) / T)
+            if labelled:  # labels at the positions themselves, -100 ignored: sum / all valid labels
+                loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels[:, a:b].reshape(-1),
+                                       ignore_index=-100, reduction="sum") / n_valid
+            else:
+                loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]),
+                                       windows[:, a + 1: b + 1].reshape(-1))
+                if b - a != T:
+                    loss = loss * ((b - a) / T)
             (loss + _anchor(params)).backward()
         total = total + loss.detach()
         del logits, loss
