@@ -22,7 +22,8 @@ SECTIONS = ("perplexity", "passkey", "multikey", "variable_tracking")
 @click.option("--variant", "variant_specs", multiple=True,
               help="An MC variant as key=value pairs, e.g. 'name=ssc4,aggregation=ssc,top_k=4,segment_size=128'; repeatable.")
 @click.option("--recipe-variants/--no-recipe-variants", default=None,
-              help="Also run the recipe's variants (default: only when no --config/--variant is given and MODEL is not converted).")
+              help="Also run the recipe's variants (default: only when no --config/--variant is given and MODEL is not converted). "
+                   "--no-recipe-variants with nothing else evaluates the model alone (a reference run).")
 @click.option("--only", help=f"Comma-separated sections to run ({', '.join(SECTIONS)}); default: all in the recipe.")
 @click.option("--out", type=click.Path(file_okay=False), help="Output folder (default eval-results/MODEL-RECIPE).")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed for windows and samples.")

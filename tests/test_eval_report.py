@@ -154,3 +154,10 @@ def test_a_model_that_ships_a_tokenizer(tiny, tmp_path):
     pk = [x for x in r["records"] if x["kind"] == "passkey"]
     assert all(fast.decode(fast.encode(x["answer"], add_special_tokens=False)) == x["answer"] for x in pk)
     assert all(abs(x["tokens"] - 150) <= 15 for x in pk)  # lengths in tokens, approximately
+
+
+def test_the_model_alone_with_no_recipe_variants(tiny):
+    res = _run(tiny, use_recipe_variants=False, sections=["perplexity"])
+    assert [v["name"] for v in res["variants"]] == ["base"] and "base" in res["perplexity"]["by_length"]
+    with pytest.raises(Exception, match="nothing to compare"):
+        _run(tiny, recipe={**TINY_RECIPE, "variants": []}, sections=["perplexity"])

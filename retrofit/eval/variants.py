@@ -141,6 +141,6 @@ def assemble(source: ModelSource, recipe_variants: list[dict], extra: list[Varia
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
         raise MCError(f"two variants are named {dup[0]!r}; give each a distinct name (name=... in --variant)")
-    if len(out) == 1:
+    if len(out) == 1 and use_recipe is not False:  # --no-recipe-variants alone: the base model only, on purpose
         raise MCError("nothing to compare with the base model: give --config, --variant or a recipe with variants")
     return out
