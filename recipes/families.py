@@ -3,14 +3,18 @@
 transformers families (mamba2, mamba) load by explicit class, because ``import fla``
 re-registers the ``mamba``/``mamba2`` model types. fla families (delta_net, gated_deltanet,
 retnet, gla, rwkv7) need a GPU, or ``mc_retrofit.fla_cpu`` to route fla's Triton ops to
-torch on CPU.
+torch on CPU; :func:`speed_context` makes CPU training of Mamba and the fla families fast.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
 import torch
+
+import fast_chunk  # recipes/ is on sys.path wherever this module is imported
+import fast_scan
 
 from mc_retrofit.errors import MCError
 
@@ -56,39 +60,6 @@ def _fla_classes(family: str):
     return getattr(fla.models, cfg), getattr(fla.models, model)
 
 
-def _glu_fwdbwd_ref(act):
-    """Torch reference of fla's ``*glu_fwdbwd(x, y, g, use_weight)``: the gradients of
-    ``act(x) * y`` (and the product itself when ``use_weight``), fp32 inside."""
-
-    def fwdbwd(x, y, g, use_weight=False, output_contiguous=False):
-        with torch.enable_grad():
-            xr, yr = x.detach().float().requires_grad_(True), y.detach().float().requires_grad_(True)
-            z = act(xr) * yr
-            dx, dy = torch.autograd.grad(z, (xr, yr), g.float())
-        out = (dx.to(x.dtype), dy.to(y.dtype))
-        return out + (z.detach().to(x.dtype),) if use_weight else out
-
-    return fwdbwd
-
-
-def _route_glu_backward() -> None:
-    """Training on CPU needs the backward of fla's gated MLP activation, which
-    ``mc_retrofit.fla_cpu`` (written for inference) leaves on Triton: route it here."""
-    from fla.modules.activations import ops
-
-    for name, act in (("swiglu_fwdbwd", torch.nn.functional.silu), ("sigmoidglu_fwdbwd", torch.sigmoid)):
-        original = getattr(ops, name, None)
-        if original is None or getattr(original, "_recipe_cpu_route", False):
-            continue
-        ref = _glu_fwdbwd_ref(act)
-
-        def routed(x, *args, _original=original, _ref=ref, **kwargs):
-            return (_ref if x.device.type == "cpu" else _original)(x, *args, **kwargs)
-
-        routed._recipe_cpu_route = True
-        setattr(ops, name, routed)
-
-
 def enable_fla_cpu() -> None:
     """Route fla's Triton ops to torch on CPU, or say clearly why fla cannot run here."""
     if torch.cuda.is_available():
@@ -98,7 +69,16 @@ def enable_fla_cpu() -> None:
     except ImportError:
         raise MCError("fla families need a CUDA GPU or mc_retrofit.fla_cpu (not installed)") from None
     fla_cpu.enable()
-    _route_glu_backward()
+
+
+def speed_context(family: str):
+    """While training/measuring on CPU: Mamba's linear-time-backward scan (fast_scan) and the
+    fla families' chunkwise recurrences (fast_chunk); the same math as the stock CPU paths."""
+    if family == "mamba":
+        return fast_scan.patched()
+    if family in FLA and not torch.cuda.is_available():
+        return fast_chunk.patched()
+    return contextlib.nullcontext()
 
 
 def classes(family: str):

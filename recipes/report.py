@@ -16,6 +16,23 @@ def records(root: Path) -> list[tuple[str, dict]]:
     return [(p.parent.name, json.loads(p.read_text())) for p in sorted(root.glob("*/training.json"))]
 
 
+def earlier_runs(r: dict) -> list[dict]:
+    """The runs a checkpoint continued (newest first): its ``init`` chain, then the
+    training.json of the last ``init_from`` when that directory is at hand."""
+    runs = []
+    while "init" in r:
+        r = r["init"]["training"]
+        runs.append(r)
+    parent = r.get("recipe", {}).get("init_from")
+    if runs and parent and (Path(parent) / "training.json").is_file():
+        runs.append(json.loads((Path(parent) / "training.json").read_text()))
+    return runs
+
+
+def _with_earlier(value, earlier, fmt) -> str:
+    return f"{value}" + (f" ({' '.join('+' + fmt(v) for v in earlier)} earlier)" if earlier else "")
+
+
 def text_table(recs) -> str:
     rows = ["| checkpoint | family | params | ctx | steps | minutes | Emma bits/byte | unigram | pass key @ctx |",
             "|---|---|---|---|---|---|---|---|---|"]
@@ -23,7 +40,10 @@ def text_table(recs) -> str:
         if "heldout" not in r:
             continue
         h, pk = r["heldout"], r["passkey"]
-        rows.append(f"| {name} | {r['family']} | {r['params']:,} | {r['ctx']} | {r['steps']} | {r['minutes']} | "
+        runs = earlier_runs(r)
+        steps = _with_earlier(r["steps"], [e["steps"] for e in runs], str)
+        minutes = _with_earlier(r["minutes"], [e["minutes"] for e in runs], lambda m: f"{m:.0f}")
+        rows.append(f"| {name} | {r['family']} | {r['params']:,} | {r['ctx']} | {steps} | {minutes} | "
                     f"{h['bits_per_byte']:.3f} | {h['unigram_bits_per_byte']:.3f} | "
                     f"{pk['accuracy']:.2f} ({pk['samples']}) |")
     return "\n".join(rows)
@@ -62,6 +82,9 @@ def plot(recs, png: Path) -> None:
     xs = range(len(text))
     ax.bar([x - 0.2 for x in xs], [r["heldout"]["bits_per_byte"] for _, r in text], 0.4, label="model")
     ax.bar([x + 0.2 for x in xs], [r["heldout"]["unigram_bits_per_byte"] for _, r in text], 0.4, label="unigram")
+    for x, (_, r) in zip(xs, text):  # pass-key accuracy at ctx over each model's bar
+        ax.annotate(f"pk {r['passkey']['accuracy']:.2f}", (x - 0.2, r["heldout"]["bits_per_byte"]),
+                    textcoords="offset points", xytext=(0, 3), ha="center", fontsize=7)
     ax.set_xticks(list(xs), [n for n, _ in text], rotation=30, ha="right")
     ax.set_ylabel("bits/byte, first 64 KB of Emma")
     ax.legend()

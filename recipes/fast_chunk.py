@@ -1,0 +1,229 @@
+"""A training-speed fix for fla families on CPU: chunkwise recurrences, same math as the references.
+
+``mc_retrofit.fla_cpu`` routes fla's chunk ops on CPU to fla's ``naive`` *recurrent* references:
+a Python loop over every token, which autograd turns into thousands of tiny nodes (4-8 s per
+training step of a 4-layer model at batch 8 x 512 bytes). The same recurrences can be computed
+chunk by chunk (the form fla's Triton kernels use): inside a chunk of ``C`` tokens everything
+is a few batched matrix products, and only the state is carried from chunk to chunk, so the
+Python loop runs ``T / C`` times instead of ``T``.
+
+This module gives drop-in chunkwise versions of the four naive recurrences the fla_cpu
+references call (same signature, layout, scaling and returned state):
+
+- ``delta_rule_recurrence`` (DeltaNet) and ``naive_recurrent_gated_delta_rule`` (Gated
+  DeltaNet): one gated delta rule with a scalar per-head gate (0 for DeltaNet), the WY form
+  with the unit-lower-triangular inverse done by ``torch.linalg.solve_triangular``;
+- ``naive_recurrent_gla`` (GLA, and RetNet whose fixed decay fla_cpu feeds as a GLA gate):
+  per-key decays, the intra-chunk scores with exact ``exp(G_i - G_j)`` factors (never
+  ``exp(G_i) * exp(-G_j)``, which overflows for strong gates);
+- ``dplr_recurrence`` (RWKV-7): ``S_t = (diag(e^w_t) + b_t a_t^T) S_{t-1} + k_t v_t^T`` with
+  the pseudo-values ``u_t = a_t^T S_{t-1}`` solved per chunk.
+
+:func:`patched` swaps them in for fla's naive recurrences while a block runs, so fla's
+layers still go through fla_cpu's *own* references (every argument mapping: scale, l2-norm
+flags, gates, GVA, state layout, stays the one fla_cpu has) and only the recurrence inside is
+chunkwise. It is used only while training/measuring in ``recipes/``
+(``families.speed_context``); the package keeps its references. ``tests/test_fast_chunk.py`` compares every op and a whole
+model's loss and gradients with and without it.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib
+
+import torch
+import torch.nn.functional as F
+
+CHUNK = 16  # 16 was fastest on CPU at T = 512 for every family (32 similar; 64 slower)
+
+
+# -- helpers ---------------------------------------------------------------------------
+def _chunked(x, C, pad):
+    """[B, H, T, ...] -> [B, H, T/C, C, ...], padding T up to a multiple of C with zeros."""
+    if pad:
+        x = F.pad(x, (0, 0) * (x.dim() - 3) + (0, pad))
+    return x.reshape(x.shape[0], x.shape[1], -1, C, *x.shape[3:])
+
+
+def _unit_lower_inverse(A):
+    """``(I + A)^{-1}`` for strictly lower-triangular ``A`` [..., C, C] (differentiable)."""
+    eye = torch.eye(A.shape[-1], dtype=A.dtype, device=A.device)
+    return torch.linalg.solve_triangular(A + eye, eye.expand_as(A), upper=False, unitriangular=True)
+
+
+SAFE_SPAN = 60.0  # exp(60) ~ 1e26: far from float32's overflow (~3e38)
+
+
+def _decayed_scores(x, Gx, y, Gy, strict):
+    """``A[i, j] = sum_d x[i, d] y[j, d] exp(Gx[i, d] - Gy[j, d])`` for ``j <= i`` (``j < i``
+    when ``strict``), else 0; [..., C, K] inputs, ``G*`` cumulative log decays (<= 0, falling).
+
+    When the decay inside every chunk spans less than ``SAFE_SPAN`` (always for RWKV-7's
+    bounded decay at C = 16; GLA unless a gate saturates), the exponent splits into two
+    matmul factors ``(x e^{Gx}) (y e^{-Gy})^T``: each valid term is still ``x y e^{Gx - Gy}``
+    up to rounding, and ``e^{-Gy} <= e^{span}`` cannot overflow. Otherwise the exact
+    [..., C, C, K] broadcast, masked before ``exp``."""
+    C = x.shape[-2]
+    keep = torch.ones(C, C, dtype=torch.bool, device=x.device).tril(-1 if strict else 0)
+    if float(-Gy.detach().amin()) < SAFE_SPAN:
+        return ((x * Gx.exp()) @ (y * (-Gy).exp()).transpose(-1, -2)).masked_fill(~keep, 0.0)
+    diff = (Gx[..., :, None, :] - Gy[..., None, :, :]).masked_fill(~keep[:, :, None], float("-inf"))
+    return (x[..., :, None, :] * y[..., None, :, :] * diff.exp()).sum(-1)
+
+
+# -- cores (layout [B, H, T, D], q already scaled, fp32) -------------------------------
+def gated_delta_core(q, k, v, beta, g, S, C=None):
+    """Gated delta rule ``S_t = e^{g_t} S_{t-1} + k_t beta_t (v_t - k_t^T e^{g_t} S_{t-1})^T``,
+    ``o_t = q_t^T S_t``; ``g`` [B, H, T] (None: no gate), ``beta`` [B, H, T]."""
+    B, H, T, K = q.shape
+    C = C or CHUNK
+    pad = (-T) % C
+    if g is None:
+        g = q.new_zeros(B, H, T)
+    q, k, v = (_chunked(x, C, pad) for x in (q, k, v))
+    beta, g = (_chunked(x[..., None], C, pad)[..., 0] for x in (beta, g))  # [B, H, n, C]
+    G = g.cumsum(-1)
+    keep = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
+    L = (G[..., :, None] - G[..., None, :]).masked_fill(~keep, float("-inf")).exp()  # [B, H, n, C, C]
+    kb = k * beta[..., None]
+    Tinv = _unit_lower_inverse((kb @ k.transpose(-1, -2) * L).tril(-1))
+    u = Tinv @ (v * beta[..., None])
+    w = Tinv @ (kb * G.exp()[..., None])
+    attn = q @ k.transpose(-1, -2) * L
+    q_decayed = q * G.exp()[..., None]
+    k_to_end = k * (G[..., -1:] - G).exp()[..., None]
+    end = G[..., -1].exp()
+    S = q.new_zeros(B, H, K, v.shape[-1]) if S is None else S
+    outs = []
+    for i in range(q.shape[2]):
+        v_new = u[:, :, i] - w[:, :, i] @ S
+        outs.append(q_decayed[:, :, i] @ S + attn[:, :, i] @ v_new)
+        S = S * end[:, :, i, None, None] + k_to_end[:, :, i].transpose(-1, -2) @ v_new
+    o = torch.stack(outs, 2).reshape(B, H, T + pad, -1)[:, :, :T]
+    return o, S
+
+
+def gla_core(q, k, v, gk, S, C=None):
+    """GLA ``S_t = diag(e^{gk_t}) S_{t-1} + k_t v_t^T``, ``o_t = q_t^T S_t``; gk [B, H, T, K]."""
+    B, H, T, K = q.shape
+    C = C or CHUNK
+    pad = (-T) % C
+    q, k, v, gk = (_chunked(x, C, pad) for x in (q, k, v, gk))
+    G = gk.cumsum(-2)
+    o_intra = _decayed_scores(q, G, k, G, strict=False) @ v
+    q_decayed = q * G.exp()
+    k_to_end = k * (G[..., -1:, :] - G).exp()
+    end = G[..., -1, :].exp()
+    S = q.new_zeros(B, H, K, v.shape[-1]) if S is None else S
+    outs = []
+    for i in range(q.shape[2]):
+        outs.append(o_intra[:, :, i] + q_decayed[:, :, i] @ S)
+        S = S * end[:, :, i, :, None] + k_to_end[:, :, i].transpose(-1, -2) @ v[:, :, i]
+    o = torch.stack(outs, 2).reshape(B, H, T + pad, -1)[:, :, :T]
+    return o, S
+
+
+def dplr_core(q, k, v, a, b, gk, S, C=None):
+    """DPLR ``S_t = diag(e^{gk_t}) S_{t-1} + b_t (a_t^T S_{t-1}) + k_t v_t^T``, ``o_t = q_t^T S_t``.
+
+    With the pseudo-values ``u_t = a_t^T S_{t-1}`` the state is a GLA over two sources (k with
+    v, b with u); inside a chunk ``u = (I - A_ab)^{-1} (A_ak v + (a e^{G_{t-1}}) S_0)``."""
+    B, H, T, K = q.shape
+    C = C or CHUNK
+    pad = (-T) % C
+    q, k, v, a, b, gk = (_chunked(x, C, pad) for x in (q, k, v, a, b, gk))
+    G = gk.cumsum(-2)
+    G_before = G - gk  # decay up to (not including) each token
+    A_qk, A_qb = _decayed_scores(q, G, k, G, False), _decayed_scores(q, G, b, G, False)
+    A_ak, A_ab = _decayed_scores(a, G_before, k, G, True), _decayed_scores(a, G_before, b, G, True)
+    Tinv = _unit_lower_inverse(-A_ab)
+    u0 = Tinv @ (A_ak @ v)
+    w = Tinv @ (a * G_before.exp())
+    o_known = A_qk @ v + A_qb @ u0
+    q_decayed = q * G.exp()
+    to_end = (G[..., -1:, :] - G).exp()
+    k_to_end, b_to_end = k * to_end, b * to_end
+    end = G[..., -1, :].exp()
+    S = q.new_zeros(B, H, K, v.shape[-1]) if S is None else S
+    outs = []
+    for i in range(q.shape[2]):
+        wS = w[:, :, i] @ S  # the part of u that depends on the chunk's initial state
+        outs.append(o_known[:, :, i] + A_qb[:, :, i] @ wS + q_decayed[:, :, i] @ S)
+        u = u0[:, :, i] + wS
+        S = (S * end[:, :, i, :, None] + k_to_end[:, :, i].transpose(-1, -2) @ v[:, :, i]
+             + b_to_end[:, :, i].transpose(-1, -2) @ u)
+    o = torch.stack(outs, 2).reshape(B, H, T + pad, -1)[:, :, :T]
+    return o, S
+
+
+# -- drop-in replacements of fla's naive recurrences (same signature, layout, scaling) ----
+def _init(initial_state):
+    return None if initial_state is None else initial_state.float()
+
+
+def delta_rule_chunked(q, k, v, beta, initial_state=None, output_final_state=True):
+    """``fla.ops.delta_rule.naive.delta_rule_recurrence`` ([B, H, T, D], q scaled by D^-1/2)."""
+    from fla.ops.delta_rule import naive
+
+    if beta.dim() == v.dim():  # a per-channel beta: keep the recurrent reference
+        recurrent = naive.__dict__.get("__mc_fast_original__", {}).get("delta_rule_recurrence", naive.delta_rule_recurrence)
+        return recurrent(q, k, v, beta, initial_state, output_final_state)
+    dtype = q.dtype
+    q, k, v, beta = (x.float() for x in (q, k, v, beta))
+    o, S = gated_delta_core(q * q.shape[-1] ** -0.5, k, v, beta, None, _init(initial_state))
+    return o.to(dtype), (S if output_final_state else None)
+
+
+def gated_delta_rule_chunked(q, k, v, beta, g, scale=None, initial_state=None, output_final_state=False):
+    """``fla.ops.gated_delta_rule.naive.naive_recurrent_gated_delta_rule`` ([B, T, H, D])."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    q, k, v, beta, g = (x.transpose(1, 2).float() for x in (q, k, v, beta, g))
+    o, S = gated_delta_core(q * scale, k, v, beta, g, _init(initial_state))
+    return o.transpose(1, 2).contiguous(), (S if output_final_state else None)
+
+
+def gla_chunked(q, k, v, gk, initial_state=None, output_final_state=False):
+    """``fla.ops.gla.naive.naive_recurrent_gla`` ([B, T, H, K], q scaled by K^-1/2)."""
+    dtype = q.dtype
+    q, k, v, gk = (x.transpose(1, 2).float() for x in (q, k, v, gk))
+    o, S = gla_core(q * q.shape[-1] ** -0.5, k, v, gk, _init(initial_state))
+    return o.transpose(1, 2).to(dtype), (S if output_final_state else None)
+
+
+def dplr_chunked(q, k, v, alpha, beta, gk, initial_state=None, output_final_state=True):
+    """``fla.ops.generalized_delta_rule.dplr.naive.dplr_recurrence`` ([B, H, T, D], q scaled
+    by D^-1/2; ``alpha`` reads the state, ``beta`` writes it back)."""
+    dtype = q.dtype
+    q, k, v, alpha, beta, gk = (x.float() for x in (q, k, v, alpha, beta, gk))
+    o, S = dplr_core(q * q.shape[-1] ** -0.5, k, v, alpha, beta, gk, _init(initial_state))
+    return o.to(dtype), (S if output_final_state else None)
+
+
+# (module holding the naive recurrence, its name, chunkwise replacement)
+NAIVE = (
+    ("fla.ops.delta_rule.naive", "delta_rule_recurrence", delta_rule_chunked),
+    ("fla.ops.gated_delta_rule.naive", "naive_recurrent_gated_delta_rule", gated_delta_rule_chunked),
+    ("fla.ops.gla.naive", "naive_recurrent_gla", gla_chunked),
+    ("fla.ops.generalized_delta_rule.dplr.naive", "dplr_recurrence", dplr_chunked),
+)
+
+
+@contextlib.contextmanager
+def patched():
+    """Inside the block, fla_cpu's references run their recurrences chunkwise.
+
+    fla_cpu's references import fla's naive recurrence at call time, so swapping the four
+    names in fla's ``naive`` modules reroutes every fla layer (with or without Memory Caching
+    wrapped around it) while the block runs; on exit the recurrent ones are back."""
+    saved = []
+    for module_name, name, fast in NAIVE:
+        module = importlib.import_module(module_name)
+        originals = module.__dict__.setdefault("__mc_fast_original__", {})
+        originals.setdefault(name, getattr(module, name))
+        saved.append((module, name, getattr(module, name)))
+        setattr(module, name, fast)
+    try:
+        yield
+    finally:
+        for module, name, old in saved:
+            setattr(module, name, old)
