@@ -66,8 +66,6 @@ def command(model, recipe, configs, variant_specs, recipe_variants, only, out, s
     out_dir = Path(out) if out else Path("eval-results") / f"{_slug(model)}-{rec['name']}"
     if (out_dir / "results.json").exists() and not force:  # checked before the (long) evaluation
         raise MCError(f"{out_dir} already holds results; pass --force to overwrite them, or choose another --out")
-    if not out_dir.absolute().parent.exists():
-        raise MCError(f"parent directory {out_dir.absolute().parent} does not exist; create it first")
     results = evaluate(opts)
     if int(os.environ.get("RANK", "0")) != 0:
         return

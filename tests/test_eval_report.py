@@ -161,3 +161,14 @@ def test_the_model_alone_with_no_recipe_variants(tiny):
     assert [v["name"] for v in res["variants"]] == ["base"] and "base" in res["perplexity"]["by_length"]
     with pytest.raises(Exception, match="nothing to compare"):
         _run(tiny, recipe={**TINY_RECIPE, "variants": []}, sections=["perplexity"])
+
+
+def test_default_out_folder_is_created(tmp_path, monkeypatch):
+    """The README's main command has no --out: eval-results/MODEL-RECIPE appears in a fresh folder."""
+    from mc_retrofit.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    res = CliRunner().invoke(main, ["eval", "builtin:mamba2-byte", "--recipe", "smoke", "--only", "perplexity",
+                                    "--quiet", "--no-plots"])
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "eval-results" / "builtin-mamba2-byte-smoke" / "results.json").is_file()
