@@ -78,10 +78,12 @@ def plot(rows: dict[str, dict], ctx: int, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from mc_retrofit.eval.report import line_style
+
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for name, row in rows.items():
         Ls = sorted(row["ppl"], key=int)
-        style = dict(marker="o", lw=2.2 if name == "base" else 1.2, color="black" if name == "base" else None)
+        style = dict(marker="o", **line_style(name))
         axes[0].plot([int(L) for L in Ls], [row["ppl"][L] for L in Ls], label=name, **style)
         if "passkey" in row:
             Ps = sorted(row["passkey"], key=int)

@@ -136,12 +136,13 @@ def main(argv=None):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from mc_retrofit.eval.report import line_style
+
     fig, axes = plt.subplots(1, len(lengths), figsize=(4.5 * len(lengths), 4), squeeze=False)
     for ax, L in zip(axes[0], lengths):
         for name, g in rows.items():
             ps = [P for P in pairs if str(P) in g.get(str(L), {})]
-            ax.plot(ps, [g[str(L)][str(P)]["accuracy"] for P in ps], marker="o", label=name,
-                    lw=2.2 if name == "base" else 1.2, color="black" if name == "base" else None)
+            ax.plot(ps, [g[str(L)][str(P)]["accuracy"] for P in ps], marker="o", label=name, **line_style(name))
         ax.set(title=f"length {L}", xlabel="pairs", ylabel="recall", ylim=(0, 1.02))
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=6)

@@ -56,12 +56,13 @@ def main() -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from mc_retrofit.eval.report import line_style
+
     fig, axes = plt.subplots(1, len(runs), figsize=(4.2 * len(runs), 3.8), squeeze=False)
     for ax, (ckpt, table) in zip(axes[0], summary.items()):
         for n in names:
             ps = sorted(table[n])
-            ax.plot(ps, [table[n][p] for p in ps], marker="o", label=n, lw=2.2 if n == "base" else 1.2,
-                    color="black" if n == "base" else None)
+            ax.plot(ps, [table[n][p] for p in ps], marker="o", label=n, **line_style(n))
         ax.set(title=ckpt, xlabel="key-value pairs (trained: 8)", ylabel="recall", ylim=(0, 1.02))
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=7)

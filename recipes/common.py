@@ -1,9 +1,12 @@
-"""Pieces both recipes share: JSON configs with --set overrides, torch setup, saving."""
+"""Pieces both recipes share: the command line, JSON configs with --set overrides, torch setup, saving."""
 from __future__ import annotations
 
+import argparse
 import json
 import platform
+import sys
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -53,3 +56,27 @@ def save(model, record: dict, out: str | Path, force: bool = False) -> None:
     with atomic_dir(out, force=force) as tmp:
         model.save_pretrained(tmp)
         (Path(tmp) / "training.json").write_text(json.dumps(record, indent=1) + "\n")
+
+
+def main(doc: str, defaults: dict, train: Callable, reevaluate: Callable, report: Callable, report_measured: Callable,
+         measured: str, argv=None) -> None:
+    """The recipes' command line: train from a config (``report`` prints the record), or
+    re-measure a checkpoint with ``--evaluate`` (``report_measured`` prints ``measured``)."""
+    p = argparse.ArgumentParser(description=doc.splitlines()[0])
+    p.add_argument("config", nargs="?", help="JSON recipe config (keys: see DEFAULTS)")
+    p.add_argument("--out", help="output directory (Hugging Face format)")
+    p.add_argument("--evaluate", metavar="DIR", help=f"only re-measure {measured} of a checkpoint this recipe wrote")
+    p.add_argument("--update", action="store_true", help=f"with --evaluate: store {measured} in its training.json")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    p.add_argument("--force", action="store_true", help="overwrite --out")
+    args = p.parse_args(argv)
+    if not args.evaluate and not args.out:
+        p.error("--out is required to train")
+    try:
+        if args.evaluate:
+            report_measured(reevaluate(args.evaluate, args.update))
+            return
+        rec = train(load_config(defaults, args.config, args.set), args.out, args.force)
+    except (MCError, OSError, json.JSONDecodeError) as e:  # bad config or checkpoint path: one line
+        sys.exit(f"error: {e}")
+    report(rec)

@@ -19,7 +19,6 @@ the unigram baseline, and pass-key accuracy at length ``ctx``.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import random
@@ -212,27 +211,15 @@ def reevaluate(path: str | Path, update: bool = False) -> dict:
     return numbers
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("config", nargs="?", help="JSON recipe config (keys: see DEFAULTS)")
-    p.add_argument("--out", help="output directory (Hugging Face format)")
-    p.add_argument("--evaluate", metavar="DIR", help="only re-measure a checkpoint this recipe wrote")
-    p.add_argument("--update", action="store_true", help="with --evaluate: store the numbers in its training.json")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
-    p.add_argument("--force", action="store_true", help="overwrite --out")
-    args = p.parse_args(argv)
-    if args.evaluate:
-        print(json.dumps(reevaluate(args.evaluate, args.update), indent=1))
-        return
-    if not args.out:
-        p.error("--out is required to train")
-    try:
-        rec = train(common.load_config(DEFAULTS, args.config, args.set), args.out, args.force)
-    except MCError as e:
-        sys.exit(f"error: {e}")
+def report(rec: dict) -> None:
     h = rec["heldout"]
     print(f"{rec['family']}: {rec['steps']} steps, {rec['minutes']} min, {h['book']} {h['bits_per_byte']:.3f} bits/byte "
           f"(unigram {h['unigram_bits_per_byte']:.3f}), pass key @{rec['ctx']}: {rec['passkey']['accuracy']}")
+
+
+def main(argv=None):
+    common.main(__doc__, DEFAULTS, train, reevaluate, report, lambda numbers: print(json.dumps(numbers, indent=1)),
+                "the numbers", argv)
 
 
 if __name__ == "__main__":

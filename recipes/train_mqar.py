@@ -17,7 +17,6 @@ log, and the accuracy table).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import random
@@ -182,26 +181,13 @@ def train(cfg: dict, out: str | Path, force: bool = False, quiet: bool = False) 
     return record
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("config", nargs="?", help="JSON recipe config (keys: see DEFAULTS)")
-    p.add_argument("--out", help="output directory (Hugging Face format)")
-    p.add_argument("--evaluate", metavar="DIR", help="only re-measure the grid of a checkpoint this recipe wrote")
-    p.add_argument("--update", action="store_true", help="with --evaluate: store the grid in its training.json")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
-    p.add_argument("--force", action="store_true", help="overwrite --out")
-    args = p.parse_args(argv)
-    if args.evaluate:
-        print_grid(reevaluate(args.evaluate, args.update))
-        return
-    if not args.out:
-        p.error("--out is required to train")
-    try:
-        rec = train(common.load_config(DEFAULTS, args.config, args.set), args.out, args.force)
-    except MCError as e:
-        sys.exit(f"error: {e}")
+def report(rec: dict) -> None:
     print(f"{rec['family']} MQAR: {rec['steps']} steps, {rec['minutes']} min")
     print_grid(rec["eval"]["grid"])
+
+
+def main(argv=None):
+    common.main(__doc__, DEFAULTS, train, reevaluate, report, print_grid, "the grid", argv)
 
 
 def print_grid(grid: list[dict]) -> None:

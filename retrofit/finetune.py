@@ -38,8 +38,8 @@ import torch.nn.functional as F
 from . import finetune_dist
 from .errors import MCError
 from .files import atomic_dir, check_target
-from .finetune_data import (RowSampler, WindowSampler, labelled_rows, read_texts, sample_windows,  # noqa: F401
-                            split_heldout, split_rows)
+from .finetune_data import (RowSampler, WindowSampler, inputs_and_targets, labelled_rows, read_texts,  # noqa: F401
+                            sample_windows, split_heldout, split_rows)
 from .finetune_step import window_loss_and_backward
 
 STATE_NAME = "state.pt"
@@ -73,12 +73,9 @@ def lm_loss(model, windows: torch.Tensor) -> torch.Tensor:
     """Mean next-byte cross-entropy (nats) of ``windows [B, L+1]``, or of labelled sequences
     ``[B, 2, L+1]`` (see ``finetune_step``) (no cache: Mamba and RWKV-4 write theirs in place,
     which autograd cannot differentiate through)."""
-    if windows.dim() == 3:
-        logits = model(windows[:, 0, :-1], use_cache=False).logits
-        return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), windows[:, 1, :-1].reshape(-1),
-                               ignore_index=-100)
-    logits = model(windows[:, :-1], use_cache=False).logits
-    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), windows[:, 1:].reshape(-1))
+    inputs, targets = inputs_and_targets(windows)
+    logits = model(inputs, use_cache=False).logits
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
 
 
 def _schedule(warmup: int, steps: int):

@@ -96,6 +96,14 @@ class WindowSampler:
 
 
 # -- pre-tokenised sequences (synthetic tasks) -----------------------------------------------
+def inputs_and_targets(windows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(inputs [B, L], targets [B, L])`` of text windows ``[B, L+1]`` (the next token) or of
+    labelled rows ``[B, 2, L+1]`` (their own labels; -100 = not scored)."""
+    if windows.dim() == 3:
+        return windows[:, 0, :-1], windows[:, 1, :-1]
+    return windows[:, :-1], windows[:, 1:]
+
+
 def labelled_rows(input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """``(input_ids [N, L], labels [N, L])`` -> ``[N, 2, L+1]`` rows (a last unused column,
     so that rows have the windows' ``L + 1`` length)."""

@@ -17,6 +17,8 @@ import inspect
 import torch
 import torch.nn.functional as F
 
+from .finetune_data import inputs_and_targets
+
 # (keyword the model's forward takes the cache as, attribute the output returns it in)
 _CACHE_ARGS = (("cache_params", "cache_params"), ("past_key_values", "past_key_values"), ("state", "state"))
 
@@ -108,10 +110,9 @@ def window_loss_and_backward(model, windows: torch.Tensor, params, *, tbptt: int
     ``no_sync``: DDP's ``model.no_sync`` (every chunk but the last runs under it, so the
     gradients are all-reduced once per step, after the last chunk)."""
     labelled = windows.dim() == 3  # [B, 2, L+1]: inputs and their own labels (token sequences)
-    if labelled:
-        windows, labels = windows[:, 0], windows[:, 1]
-        n_valid = (labels[:, :-1] != -100).sum().clamp_min(1)
-    T = windows.shape[1] - 1
+    inputs, targets = inputs_and_targets(windows)
+    n_valid = (targets != -100).sum().clamp_min(1) if labelled else None
+    T = inputs.shape[1]
     chunk = T if tbptt is None else min(int(tbptt), T)
     use_cache = cache is not None or keep_cache or chunk < T
     if use_cache and names is None:
@@ -126,17 +127,16 @@ def window_loss_and_backward(model, windows: torch.Tensor, params, *, tbptt: int
             if use_cache:
                 if _unwrap(model).mc_config.family in CLONE_SAVED:
                     stack.enter_context(torch.autograd.graph.saved_tensors_hooks(_clone, _same))
-                logits, cache = forward_with_cache(model, windows[:, a:b], cache, names)
+                logits, cache = forward_with_cache(model, inputs[:, a:b], cache, names)
             else:
-                logits = model(windows[:, a:b], use_cache=False).logits
+                logits = model(inputs[:, a:b], use_cache=False).logits
             # mean over the chunk, weighted by its share of the window: the chunks sum to the
             # window's mean (one chunk: exactly F.cross_entropy's mean, no reweighting)
-            if labelled:  # labels at the positions themselves, -100 ignored: sum / all valid labels
-                loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels[:, a:b].reshape(-1),
-                                       ignore_index=-100, reduction="sum") / n_valid
+            flat = logits.float().reshape(-1, logits.shape[-1])
+            if labelled:  # -100 labels ignored: sum over the chunk / all valid labels of the window
+                loss = F.cross_entropy(flat, targets[:, a:b].reshape(-1), ignore_index=-100, reduction="sum") / n_valid
             else:
-                loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]),
-                                       windows[:, a + 1: b + 1].reshape(-1))
+                loss = F.cross_entropy(flat, targets[:, a:b].reshape(-1))
                 if b - a != T:
                     loss = loss * ((b - a) / T)
             (loss + _anchor(params)).backward()

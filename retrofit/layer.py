@@ -107,7 +107,7 @@ def call_validity(mask: torch.Tensor | None, length: int, memory: LayerMemory) -
     if not bool((valid[:, 1:] >= valid[:, :-1]).all()):
         raise MCError("Memory Caching supports left padding only (padding_side='left'): "
                       "this attention_mask has padding after a real token")
-    late = [r for r in range(valid.shape[0]) if not bool(valid[r].all()) and memory.counts and memory.real[r] > 0]
+    late = [r for r in range(valid.shape[0]) if not bool(valid[r].all()) and memory.real and memory.real[r] > 0]
     if late:
         raise MCError(f"rows {late} have padding after real tokens of an earlier call: pad on the left of the "
                       "first call only")

@@ -44,26 +44,35 @@ class LayerMemory:
         self.states: torch.Tensor | None = None
         self.pooled: torch.Tensor | None = None
         self.key_sum: torch.Tensor | None = None  # [B, H, U], keys of the open segment
-        self.counts: list[int] = []  # filled segment slots per row
+        self.serials: list[list[int]] = []  # per row: order number of each filled slot
+        self.closed: list[int] = []  # segments each row has closed (kept or evicted)
         self.seg_fill: list[int] = []  # real tokens in each row's open segment
         self.real: list[int] = []  # real (non-pad) tokens each row has seen
         self.pos = 0  # call positions seen by this layer (pads included)
         self.max_segments = max_segments
         self.policy = policy
-        self.serials: list[list[int]] = []  # per row: order number of each filled slot
-        self.dropped_rows: list[int] = []  # segments evicted by the cap, per row
 
     # -- shape of the memory ---------------------------------------------------------------
-    def _rows(self, batch: int) -> None:
-        if not self.counts:
-            self.counts, self.seg_fill, self.real = [0] * batch, [0] * batch, [0] * batch
-            self.dropped_rows = [0] * batch
+    def bind(self, batch: int) -> None:
+        """Size the per-row bookkeeping for ``batch`` rows (first call), or check it."""
+        if not self.serials:
             self.serials = [[] for _ in range(batch)]
-        elif len(self.counts) != batch:
+            self.closed, self.seg_fill, self.real = [0] * batch, [0] * batch, [0] * batch
+        elif len(self.serials) != batch:
             from .errors import MCError
 
-            raise MCError(f"batch size changed from {len(self.counts)} to {batch} within one cache; "
+            raise MCError(f"batch size changed from {len(self.serials)} to {batch} within one cache; "
                           "start a new cache for a new batch")
+
+    @property
+    def counts(self) -> list[int]:
+        """Filled segment slots per row."""
+        return [len(s) for s in self.serials]
+
+    @property
+    def dropped_rows(self) -> list[int]:
+        """Segments evicted by the cap, per row."""
+        return [c - len(s) for c, s in zip(self.closed, self.serials)]
 
     @property
     def n(self) -> int:
@@ -90,7 +99,7 @@ class LayerMemory:
     # -- keys of the open segment ---------------------------------------------------------------
     def add_keys(self, keys: torch.Tensor, valid: torch.Tensor | None = None) -> None:
         """Account ``keys [B, t, H, U]`` to the open segments (``valid [B, t]``: real tokens)."""
-        self._rows(keys.shape[0])
+        self.bind(keys.shape[0])
         kf = keys.float()
         if valid is not None:
             kf = kf * valid[:, :, None, None]
@@ -106,7 +115,7 @@ class LayerMemory:
     def running_pool(self, keys: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
         """Causal running mean of the open segment's keys for each of ``keys [B,t,H,U]``
         (computed before :meth:`add_keys` for the same tokens). Pads count for nothing."""
-        self._rows(keys.shape[0])
+        self.bind(keys.shape[0])
         kf = keys.float()
         fill = torch.tensor(self.seg_fill, dtype=torch.float32, device=keys.device)[:, None]
         if valid is None:
@@ -122,7 +131,7 @@ class LayerMemory:
     def extend(self, states: torch.Tensor, pooled: torch.Tensor, tokens: int) -> None:
         """Cache ``states [B, n, ...]`` with ``pooled [B, n, H, U]``: ``n`` whole segments of
         ``tokens`` tokens in total, captured in one pass (every row's clock on a boundary)."""
-        self._rows(states.shape[0])
+        self.bind(states.shape[0])
         if states.shape[1]:
             self._append_many(states, pooled)
         self.pos += tokens
@@ -134,7 +143,7 @@ class LayerMemory:
         else:
             self.states = torch.cat([self.states, states.to(self.states.dtype)], 1)
             self.pooled = torch.cat([self.pooled, pooled], 1)
-        for r in range(len(self.counts)):
+        for r in range(len(self.serials)):
             for _ in range(states.shape[1]):
                 self._record(r)
         self._evict()
@@ -143,54 +152,49 @@ class LayerMemory:
     def close(self, state: torch.Tensor, rows: list[int] | None = None) -> None:
         """End the open segment of ``rows`` (default: all): cache row r's ``state[r]``
         with its mean-pooled keys. Rows whose open segment is empty are skipped."""
-        self._rows(state.shape[0])
-        rows = [r for r in (range(len(self.counts)) if rows is None else rows) if self.seg_fill[r] > 0]
+        self.bind(state.shape[0])
+        rows = [r for r in (range(len(self.serials)) if rows is None else rows) if self.seg_fill[r] > 0]
         if not rows:
             return
         fill = torch.tensor([max(f, 1) for f in self.seg_fill], dtype=torch.float32, device=self.key_sum.device)
         pooled = self.key_sum / fill[:, None, None]
-        if len(rows) == len(self.counts) and self.uniform:
-            self._append_all(state, pooled)
+        if len(rows) == len(self.serials) and self.uniform:
+            self._append_many(state[:, None], pooled[:, None])
         else:
-            for r in rows:
-                self._append_row(r, state[r], pooled[r])
-        keep = torch.ones(len(self.counts), device=self.key_sum.device)
+            self._append_rows(rows, state, pooled)
+        keep = torch.ones(len(self.serials), device=self.key_sum.device)
         keep[rows] = 0
         self.key_sum = self.key_sum * keep[:, None, None]  # not in place: autograd may hold it
         for r in rows:
             self.seg_fill[r] = 0
 
-    def _append_all(self, state: torch.Tensor, pooled: torch.Tensor) -> None:
-        self._append_many(state[:, None], pooled[:, None])
-
-    def _append_row(self, r: int, state: torch.Tensor, pooled: torch.Tensor) -> None:
-        """Ragged append (padded batches): row ``r`` writes its next slot."""
-        B = len(self.counts)
+    def _append_rows(self, rows: list[int], state: torch.Tensor, pooled: torch.Tensor) -> None:
+        """Ragged append (padded batches): each of ``rows`` writes its next slot."""
+        B = len(self.serials)
         if self.states is None:
-            self.states = state.new_zeros((B, 1) + tuple(state.shape))
-            self.pooled = pooled.new_zeros((B, 1) + tuple(pooled.shape))
-        else:  # fresh copies: a read earlier in this call may hold the old ones for backward
-            self.states, self.pooled = self.states.clone(), self.pooled.clone()
-        slot = self.counts[r]
-        if slot == self.n:  # grow every row by one (zeros: invisible to rows that do not fill it)
-            self.states = torch.cat([self.states, self.states.new_zeros(self.states[:, :1].shape)], 1)
-            self.pooled = torch.cat([self.pooled, self.pooled.new_zeros(self.pooled[:, :1].shape)], 1)
-        self.states[r, slot] = state.to(self.states.dtype)
-        self.pooled[r, slot] = pooled
-        self._record(r)
+            self.states = state.new_zeros((B, 0) + tuple(state.shape[1:]))
+            self.pooled = pooled.new_zeros((B, 0) + tuple(pooled.shape[1:]))
+        counts = self.counts
+        grow = max(counts[r] for r in rows) + 1 - self.n  # new slots: zeros, invisible to rows that do not fill them
+        # fresh tensors either way: a read earlier in this call may hold the old ones for backward
+        self.states = torch.cat([self.states, self.states.new_zeros((B, max(grow, 0)) + self.states.shape[2:])], 1)
+        self.pooled = torch.cat([self.pooled, self.pooled.new_zeros((B, max(grow, 0)) + self.pooled.shape[2:])], 1)
+        for r in rows:
+            self.states[r, counts[r]] = state[r].to(self.states.dtype)
+            self.pooled[r, counts[r]] = pooled[r]
+            self._record(r)
         self._evict()
 
     def _record(self, r: int) -> None:
-        self.serials[r].append(self.dropped_rows[r] + self.counts[r])  # = segments closed before it
-        self.counts[r] += 1
+        self.serials[r].append(self.closed[r])  # its order number: segments closed before it
+        self.closed[r] += 1
 
     def _evict(self) -> None:
         """Apply the cap: every row keeps :func:`kept_slots` of its segments."""
         if self.max_segments is None:
             return
-        keeps = [kept_slots(self.serials[r], self.serials[r][-1] + 1 if self.serials[r] else 0,
-                            self.max_segments, self.policy) for r in range(len(self.counts))]
-        if all(len(k) == c for k, c in zip(keeps, self.counts)):
+        keeps = [kept_slots(s, c, self.max_segments, self.policy) for s, c in zip(self.serials, self.closed)]
+        if all(len(k) == len(s) for k, s in zip(keeps, self.serials)):
             return
         width = max(len(k) for k in keeps)
         if self.uniform and all(k == keeps[0] for k in keeps):
@@ -203,10 +207,7 @@ class LayerMemory:
                 states[r, : len(k)] = self.states[r, k]
                 pooled[r, : len(k)] = self.pooled[r, k]
             self.states, self.pooled = states, pooled
-        for r, k in enumerate(keeps):
-            self.dropped_rows[r] += self.counts[r] - len(k)
-            self.serials[r] = [self.serials[r][i] for i in k]
-            self.counts[r] = len(k)
+        self.serials = [[s[i] for i in k] for s, k in zip(self.serials, keeps)]
 
     def nbytes(self) -> int:
         total = 0

@@ -85,7 +85,7 @@ def run_segments(
     B, T = k.shape[:2]
     u = gate.gate_input(query, run.hidden)
     valid = run.valid  # [B, T] real tokens of a left-padded batch, or None
-    mem._rows(B)
+    mem.bind(B)
     if capture is not None and _one_pass_applies(mem, cfg, valid, T, k.device):
         return _run_one_pass(run, k, u, state, read, capture)
     starts = [0] * B if valid is None else (T - valid.sum(1)).tolist()

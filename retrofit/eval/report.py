@@ -157,6 +157,11 @@ def write_json(results: dict, path: Path) -> Path:
     return path
 
 
+def line_style(name: str) -> dict:
+    """Plot style of a compared model: the base model is the thick black reference line."""
+    return {"lw": 2.2, "color": "black"} if name == "base" else {"lw": 1.2, "color": None}
+
+
 def plots(results: dict, out_dir: Path) -> list[Path]:
     """PNG plots next to the JSON. Returns the files written."""
     import matplotlib
@@ -175,12 +180,10 @@ def plots(results: dict, out_dir: Path) -> list[Path]:
             p = pos.get(n, {}).get(str(longest))
             if p:
                 xs = [(s + e) / 2 for s, e in zip(p["start"], p["end"])]
-                a1.plot(xs, p["bits_per_token"], label=n, lw=2.2 if n == "base" else 1.2,
-                        color="black" if n == "base" else None)
+                a1.plot(xs, p["bits_per_token"], label=n, **line_style(n))
             rows = by_len.get(n, {})
             Ls = sorted(int(L) for L in rows)
-            a2.plot(Ls, [rows[str(L)]["bits_per_token"] for L in Ls], marker="o", label=n,
-                    lw=2.2 if n == "base" else 1.2, color="black" if n == "base" else None)
+            a2.plot(Ls, [rows[str(L)]["bits_per_token"] for L in Ls], marker="o", label=n, **line_style(n))
         for a in (a1, a2):
             if ctx:
                 a.axvline(ctx, ls="--", color="grey", lw=1)
@@ -231,7 +234,7 @@ def plots(results: dict, out_dir: Path) -> list[Path]:
                 g = grid.get(n, {})
                 Ls = sorted(int(L) for L in g)
                 ys = [g[str(L)].get(_dkey(p, g[str(L)]), {}).get("accuracy", math.nan) for L in Ls]
-                ax.plot(Ls, ys, marker="o", label=n, lw=2.2 if n == "base" else 1.2, color="black" if n == "base" else None)
+                ax.plot(Ls, ys, marker="o", label=n, **line_style(n))
             ax.set_xscale("log", base=2)
             if ctx:
                 ax.axvline(ctx, ls="--", color="grey", lw=1)
@@ -250,7 +253,7 @@ def plots(results: dict, out_dir: Path) -> list[Path]:
             for n in names:
                 Ls = sorted(int(L) for L in rows.get(n, {}))
                 ax.plot(Ls, [rows[n][str(L)]["answer_bits_per_token"] for L in Ls], marker="o", label=n,
-                        lw=2.2 if n == "base" else 1.2, color="black" if n == "base" else None)
+                        **line_style(n))
             ax.set_xscale("log", base=2)
             if ctx:
                 ax.axvline(ctx, ls="--", color="grey", lw=1)
