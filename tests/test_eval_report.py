@@ -165,6 +165,9 @@ def test_the_model_alone_with_no_recipe_variants(tiny):
 
 def test_default_out_folder_is_created(tmp_path, monkeypatch):
     """The README's main command has no --out: eval-results/MODEL-RECIPE appears in a fresh folder."""
+    from conftest import shared_path
+
+    shared_path("data", "gutenberg", "austen-emma.txt")
     from mc_retrofit.cli import main
 
     monkeypatch.chdir(tmp_path)
