@@ -100,9 +100,6 @@ class MambaAdapter(Adapter):
     def gate_dims(self, mixer, config):
         return 1, mixer.ssm_state_size
 
-    def cache_of(self, args, kwargs):
-        return kwargs.get("cache_params")
-
     def install(self):
         wrap_op(MODULE, "mamba_selective_scan", _selective_scan)
         wrap_op(MODULE, "mamba_selective_state_update", _state_update)

@@ -87,9 +87,6 @@ class Mamba2Adapter(Adapter):
     def gate_dims(self, mixer, config):
         return mixer.num_heads, mixer.ssm_state_size
 
-    def cache_of(self, args, kwargs):
-        return kwargs.get("cache_params")
-
     def install(self):
         wrap_op(MODULE, "mamba2_chunk_scan", _chunk_scan)
         wrap_op(MODULE, "mamba2_selective_state_update", _state_update)

@@ -71,8 +71,8 @@ class Qwen3NextAdapter(FlaAdapter):
 
             wrap_op(MODULE, name, mc_op(spec))
 
-    def cache_of(self, args, kwargs):
-        return kwargs.get("cache_params")
+    cache_names = ("cache", "past_key_values")  # the model; its GDN mixers: the default names
+    mixer_cache_names = ("cache", "cache_params")
 
     def state_dims(self, mixer):
         return mixer.num_v_heads, mixer.head_k_dim, mixer.head_v_dim

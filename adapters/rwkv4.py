@@ -92,6 +92,12 @@ def _linear_attention(orig, run, time_decay, time_first, key, value, state=None,
     return y, None
 
 
+def _state_holder(args, kwargs):
+    """RWKV-4's cache is a list of five tensors (possibly positional); the memory hangs on the third."""
+    state = kwargs.get("state", args[1] if len(args) > 1 else None)
+    return None if state is None else state[2]
+
+
 class Rwkv4Adapter(Adapter):
     family = "rwkv4"
     model_types = ("rwkv",)
@@ -108,9 +114,12 @@ class Rwkv4Adapter(Adapter):
     def gate_dims(self, mixer, config):
         return 1, mixer.attention_hidden_size
 
-    def cache_of(self, args, kwargs):
-        state = kwargs.get("state", args[1] if len(args) > 1 else None)
-        return None if state is None else state[2]
+    cache_names = ("state",)  # RWKV-4 keeps its own name in 5.24
+    mixer_cache_names = ("state",)
+
+    def cache_reader(self, mixer):
+        return _state_holder
+
 
     def install(self):
         wrap_op(MODULE, "rwkv_linear_attention", _linear_attention)

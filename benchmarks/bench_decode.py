@@ -38,22 +38,22 @@ def _sync(device):
 def decode_latency(model, prompt: torch.Tensor, steps: int) -> tuple[float, dict]:
     """Median seconds of one decode step after prefilling ``prompt [1, L]``; the MC cache
     stats after the prefill (segments that close while decoding are not counted)."""
-    from mc_retrofit import cache_stats
+    from mc_retrofit import cache_stats, forward_with_cache
 
     with torch.no_grad():
-        out = model(prompt, use_cache=True)
-        cache, tok = out.cache_params, out.logits[:, -1:].argmax(-1)
+        out, cache = forward_with_cache(model, prompt)
+        tok = out.logits[:, -1:].argmax(-1)
         stats = cache_stats(cache)
         pos = prompt.shape[1]
         times = []
         for i in range(steps + 3):  # the first three steps warm up
             _sync(prompt.device)
             t = time.perf_counter()
-            out = model(tok, cache_params=cache, use_cache=True, cache_position=torch.tensor([pos], device=prompt.device))
+            out, cache = forward_with_cache(model, tok, cache, cache_position=torch.tensor([pos], device=prompt.device))
             _sync(prompt.device)
             if i >= 3:
                 times.append(time.perf_counter() - t)
-            cache, tok, pos = out.cache_params, out.logits[:, -1:].argmax(-1), pos + 1
+            tok, pos = out.logits[:, -1:].argmax(-1), pos + 1
     return statistics.median(times), stats
 
 

@@ -5,11 +5,16 @@
     model.save_pretrained("out")            # a converted directory
     model = mc_retrofit.load("out")         # or an exported .safetensors file
 """
+from . import compat
+from .compat import cache_argument, forward_with_cache, returned_cache
 from .config import MCConfig
 from .errors import MCError
 from .generation import cache_stats
 from .inspect import describe
 from .model import convert, export, load, load_base
 
-__all__ = ["MCConfig", "MCError", "convert", "load", "load_base", "export", "describe", "cache_stats"]
+__all__ = ["MCConfig", "MCError", "convert", "load", "load_base", "export", "describe", "cache_stats",
+           "cache_argument", "forward_with_cache", "returned_cache"]
 __version__ = "0.1.0"
+
+compat.warn_outside_window()  # one line per dependency outside the tested window

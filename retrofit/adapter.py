@@ -59,9 +59,21 @@ class Adapter:
         """(heads, key width) of the gates of one mixer."""
         raise NotImplementedError
 
-    def cache_of(self, args, kwargs):
-        """The object this call's memory hangs on (the family's cache), or None."""
-        raise NotImplementedError
+    # The keywords this family's model forward / recurrent layer (mixer) forward have
+    # taken the recurrent cache under, newest first (transformers 5.24 renamed
+    # ``cache_params`` and the hybrids' ``past_key_values`` to ``cache``); ``compat``
+    # picks the one the installed library takes, or refuses with the tested window.
+    cache_names: tuple[str, ...] = ("cache", "cache_params")
+    mixer_cache_names: tuple[str, ...] = ("cache", "cache_params")
+
+    def cache_reader(self, mixer: nn.Module):
+        """``reader(args, kwargs)``: the object a call of ``mixer`` hangs its memory on (the
+        family's cache), or None. The keyword is resolved once, here, for the installed
+        library version."""
+        from . import compat
+
+        name = compat.argument_name(type(mixer).forward, self.mixer_cache_names, f"{type(mixer).__name__}.forward")
+        return functools.partial(_cache_keyword, name)
 
     def install(self) -> None:
         """Wrap the family's module-level ops (idempotent)."""
@@ -79,6 +91,10 @@ class Adapter:
 
     def load_kwargs(self) -> dict:
         return {}
+
+
+def _cache_keyword(name: str, args, kwargs):
+    return kwargs.get(name)
 
 
 def wrap_op(module_name: str, name: str, make):

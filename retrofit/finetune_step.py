@@ -12,32 +12,18 @@ previous chunk's graph. The forward, hence the loss value, is the full-window on
 from __future__ import annotations
 
 import contextlib
-import inspect
 
 import torch
 import torch.nn.functional as F
 
+from . import compat
 from .finetune_data import inputs_and_targets
 
-# (keyword the model's forward takes the cache as, attribute the output returns it in)
-_CACHE_ARGS = (("cache_params", "cache_params"), ("past_key_values", "past_key_values"), ("state", "state"))
-
-
-def cache_argument(model) -> tuple[str, str]:
-    """How ``model`` takes and returns its recurrent cache (Mamba/Mamba2: ``cache_params``,
-    fla: ``past_key_values``, RWKV-4: ``state``)."""
-    params = inspect.signature(type(model).forward).parameters
-    for arg, attr in _CACHE_ARGS:
-        if arg in params:
-            return arg, attr
-    raise TypeError(f"{type(model).__name__}.forward takes no recurrent cache argument")
-
-
-def forward_with_cache(model, ids: torch.Tensor, cache, names: tuple[str, str]):
-    """(logits, cache after ``ids``) continuing from ``cache`` (None: a fresh start)."""
-    arg, attr = names
-    out = model(ids, **{arg: cache}, use_cache=True)
-    return out.logits, getattr(out, attr)
+def forward_with_cache(model, ids: torch.Tensor, cache, name: str):
+    """(logits, cache after ``ids``) continuing from ``cache`` (None: a fresh start);
+    ``name``: the model's cache keyword (:func:`mc_retrofit.compat.cache_argument`)."""
+    out = model(ids, **{name: cache}, use_cache=True)
+    return out.logits, compat.returned_cache(out)
 
 
 def detach_state(obj, _seen: set | None = None):
@@ -100,7 +86,7 @@ def _anchor(params) -> torch.Tensor:
 
 
 def window_loss_and_backward(model, windows: torch.Tensor, params, *, tbptt: int | None = None, cache=None,
-                             keep_cache: bool = False, names: tuple[str, str] | None = None, no_sync=None):
+                             keep_cache: bool = False, names: str | None = None, no_sync=None):
     """Forward and backward of one batch of windows ``[B, L+1]`` (next-token targets), or of
     labelled sequences ``[B, 2, L+1]`` (inputs, then the label of each position, -100 =
     not scored; the last column unused) (gradients accumulate into ``.grad``). Returns (mean next-byte loss as a detached tensor, the final cache or None).
@@ -116,7 +102,7 @@ def window_loss_and_backward(model, windows: torch.Tensor, params, *, tbptt: int
     chunk = T if tbptt is None else min(int(tbptt), T)
     use_cache = cache is not None or keep_cache or chunk < T
     if use_cache and names is None:
-        names = cache_argument(_unwrap(model))
+        names = compat.cache_argument(_unwrap(model))
     total = torch.zeros((), device=windows.device)
     bounds = chunk_bounds(T, chunk)
     for i, (a, b) in enumerate(bounds):

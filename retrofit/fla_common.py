@@ -21,6 +21,7 @@ from typing import Callable
 
 import torch
 
+from . import compat
 from .adapter import Adapter, StateInfo, expand_heads, wrap_op
 from .errors import MCError
 from .layer import current
@@ -36,6 +37,7 @@ def import_fla():
     import fla  # noqa: F401
 
     fla_cpu.enable()
+    compat.fix_fla_generation()
     return fla
 
 
@@ -164,13 +166,14 @@ class FlaAdapter(Adapter):
                           "(same outputs)", stacklevel=3)
             mixer.mode = good
 
-    def cache_of(self, args, kwargs):
-        return kwargs.get("past_key_values")
+    cache_names = ("past_key_values",)  # fla 0.6 models and layers
+    mixer_cache_names = ("past_key_values",)
 
     def install(self):
         from . import fla_cpu
 
         fla_cpu.enable()  # before wrapping: the MC wrapper's "original" is the CPU/GPU dispatcher
+        compat.fix_fla_generation()
         for name, spec in self.ops.items():
             wrap_op(self.layer_module, name, mc_op(spec))
 

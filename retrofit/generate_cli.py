@@ -56,7 +56,9 @@ def command(model_path, prompt_file, prompt, max_new_tokens, temperature, seed, 
             return_dict_in_generate=True, pad_token_id=model.config.pad_token_id or 0,
         )
     if stats:
-        cache = getattr(out, "past_key_values", None) or getattr(out, "cache_params", None)
+        from .compat import returned_cache
+
+        cache = returned_cache(out, required=False)  # whatever this transformers version calls it
         if cache is not None:
             s = cache_stats(cache)
             click.echo(f"MC cache: {s['segments']} segments, {s['bytes']} bytes", err=True)

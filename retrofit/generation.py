@@ -14,6 +14,9 @@ from .memory import LayerMemory
 
 
 def _holder(cache):
+    from .compat import returned_cache
+
+    cache = returned_cache(cache)  # a forward's or generate's output: its cache
     # RWKV-4's cache is a list of five tensors; its memory hangs on the third.
     if isinstance(cache, (list, tuple)):
         return cache[2] if len(cache) > 2 else None
@@ -21,8 +24,9 @@ def _holder(cache):
 
 
 def cache_stats(cache) -> dict:
-    """Cached segments and bytes per MC layer of a cache returned by a forward with
-    ``use_cache=True`` (``out.cache_params`` for Mamba/Mamba2, ``out.state`` for RWKV-4)."""
+    """Cached segments and bytes per MC layer of the cache of a forward with
+    ``use_cache=True``: pass the output itself (``cache_stats(out)``, whatever this
+    transformers version calls its cache field) or the cache object."""
     store: dict[int, LayerMemory] = getattr(_holder(cache), "_mc_memory", None) or {}
     layers = {
         idx: {"segments": mem.n, "bytes": mem.nbytes(), "tokens": mem.pos, "dropped": mem.dropped}

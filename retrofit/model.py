@@ -62,7 +62,7 @@ def convert(model, config: MCConfig | None = None):
             continue
         heads, key_dim = adapter.gate_dims(mixer, model.config)
         gate = MCGate(config, idx, heads, key_dim, model.config.hidden_size).to(ref.device)
-        hooks += attach(mixer, gate, adapter.cache_of, padding=adapter.supports_padding)
+        hooks += attach(mixer, gate, adapter.cache_reader(mixer), padding=adapter.supports_padding)
     model.mc_config = config
     model._mc_hooks = hooks
     # save_pretrained keeps working: it writes a converted directory.

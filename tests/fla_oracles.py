@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+import mc_retrofit
+
 FAMILIES = ["delta_net", "gated_deltanet", "retnet", "gla", "rwkv6", "rwkv7"]
 
 _TINY = {
@@ -152,8 +154,7 @@ def token_reference(model, family: str, ids: torch.Tensor, segment_size: int, ag
         cache, outs = None, []
         with torch.no_grad():
             for t in range(ids.shape[1]):
-                out = model(ids[:, t:t + 1], past_key_values=cache, use_cache=True)
-                cache = out.past_key_values
+                out, cache = mc_retrofit.forward_with_cache(model, ids[:, t:t + 1], cache)
                 outs.append(out.logits)
     finally:
         for name, orig in originals.items():

@@ -51,14 +51,13 @@ def test_capped_cache_is_the_same_in_one_forward_and_in_decoding(policy):
         full = model(x, use_cache=True)
         parts, cache = [], None
         for t in range(30):
-            out = model(x[:, t:t + 1], cache_params=cache, use_cache=True,
-                        cache_position=torch.tensor([t]) if cache is not None else None)
+            out, cache = mc_retrofit.forward_with_cache(
+                model, x[:, t:t + 1], cache, cache_position=torch.tensor([t]) if cache is not None else None)
             parts.append(out.logits)
-            cache = out.cache_params
     assert (torch.cat(parts, 1) - full.logits).abs().max() <= 1e-5
-    a, b = cache_stats(full.cache_params), cache_stats(cache)
+    a, b = cache_stats(full), cache_stats(cache)
     assert a == b and all(v["segments"] <= 3 for v in a["layers"].values())
-    assert full.cache_params._mc_memory[0].serials == cache._mc_memory[0].serials
+    assert mc_retrofit.returned_cache(full)._mc_memory[0].serials == cache._mc_memory[0].serials
 
 
 def test_cache_policy_is_validated_and_on_the_command_line(tmp_path):

@@ -60,12 +60,10 @@ def test_chunked_prefill_and_decoding_equal_full_forward(family):
     with torch.no_grad():
         out = model(ids[:, :9], use_cache=True)
         parts = [out.logits]
-        out = model(ids[:, 9:15], past_key_values=out.past_key_values, use_cache=True)
+        out, cache = mc.forward_with_cache(model, ids[:, 9:15], mc.returned_cache(out))
         parts.append(out.logits)
-        cache = out.past_key_values
         for t in range(15, 22):  # crosses the boundary at 18
-            out = model(ids[:, t:t + 1], past_key_values=cache, use_cache=True)
-            cache = out.past_key_values
+            out, cache = mc.forward_with_cache(model, ids[:, t:t + 1], cache)
             parts.append(out.logits)
     assert (torch.cat(parts, 1) - full).abs().max() <= TOL
 

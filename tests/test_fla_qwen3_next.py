@@ -38,10 +38,9 @@ def test_qwen3_next_gdn_layers_get_mc():
     with torch.no_grad():
         full = model(ids, use_cache=False).logits
         out = model(ids[:, :9], use_cache=True)
-        parts, cache = [out.logits], out.past_key_values
+        parts, cache = [out.logits], mc.returned_cache(out)
         for t in range(9, 20):
-            out = model(ids[:, t:t + 1], past_key_values=cache, use_cache=True)
-            cache = out.past_key_values
+            out, cache = mc.forward_with_cache(model, ids[:, t:t + 1], cache)
             parts.append(out.logits)
     assert (full[:, :6] - base[:, :6]).abs().max() <= 1e-5
     assert (full - base).abs().max() > 1e-3

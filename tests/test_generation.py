@@ -11,11 +11,8 @@ from mc_retrofit import MCConfig, MCError, cache_stats
 
 
 def _step(model, family, ids, cache):
-    if family == "rwkv4":
-        out = model(ids, state=cache, use_cache=True)
-        return out.logits, out.state
-    out = model(ids, cache_params=cache, use_cache=True)
-    return out.logits, out.cache_params
+    out, cache = mc_retrofit.forward_with_cache(model, ids, cache)
+    return out.logits, cache
 
 
 @pytest.mark.parametrize("family", TRANSFORMERS_FAMILIES)
@@ -65,7 +62,7 @@ def test_cache_cap_keeps_most_recent_segments():
     x = torch.randint(0, 64, (1, 15))
     with torch.no_grad():
         out = model(x, use_cache=True)
-    s = cache_stats(out.cache_params)
+    s = cache_stats(out)
     assert all(v["segments"] == 3 and v["dropped"] == 4 for v in s["layers"].values())
 
 

@@ -55,10 +55,10 @@ def test_one_pass_then_split_calls_and_decoding_continue_the_same_cache(monkeypa
         parts, cache, pos = [], None, 0
         # calls at 0, 8 (one pass, leaves an open tail), 13, 14 (mid-segment: loop), 16 (one pass)
         for n in (8, 5, 1, 2, 12):
-            out = model(x[:, pos:pos + n], cache_params=cache, use_cache=True,
-                        cache_position=None if cache is None else torch.arange(pos, pos + n))
+            out, cache = mc_retrofit.forward_with_cache(
+                model, x[:, pos:pos + n], cache, cache_position=None if cache is None else torch.arange(pos, pos + n))
             parts.append(out.logits)
-            cache, pos = out.cache_params, pos + n
+            pos += n
         return torch.cat(parts, 1), cache_stats(cache)
 
     with torch.no_grad():

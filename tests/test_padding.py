@@ -60,14 +60,14 @@ def test_padding_spread_over_split_prefill_calls():
     with torch.no_grad():
         full = model(x, attention_mask=mask).logits
         a = model(x[:, :5], attention_mask=mask[:, :5], use_cache=True)
-        b = model(x[:, 5:], attention_mask=mask, cache_params=a.cache_params, use_cache=True,
-                  cache_position=torch.arange(5, 16))
+        b, cache = mc_retrofit.forward_with_cache(model, x[:, 5:], mc_retrofit.returned_cache(a),
+                                                  attention_mask=mask, cache_position=torch.arange(5, 16))
     split = torch.cat([a.logits, b.logits], 1)
     assert (split[0] - full[0]).abs().max() <= 1e-5
     assert (split[1, 7:] - full[1, 7:]).abs().max() <= 1e-5
-    segs = {idx: v["segments"] for idx, v in cache_stats(b.cache_params)["layers"].items()}
+    segs = {idx: v["segments"] for idx, v in cache_stats(cache)["layers"].items()}
     assert set(segs.values()) == {5}  # row 0: 16 // 3 segments (row 1 holds 9 // 3 = 3 of the 5 slots)
-    mem = b.cache_params._mc_memory[0]
+    mem = cache._mc_memory[0]
     assert mem.counts == [5, 3] and mem.real == [16, 9]
 
 
@@ -90,8 +90,8 @@ def test_padding_after_real_tokens_of_an_earlier_call_is_refused():
         late = torch.ones(2, 4, dtype=torch.long)
         late[1, :2] = 0
         with pytest.raises(MCError, match="pad on the left of the first call"):
-            model(x[:, 6:], attention_mask=late, cache_params=out.cache_params, use_cache=True,
-                  cache_position=torch.arange(6, 10))
+            mc_retrofit.forward_with_cache(model, x[:, 6:], mc_retrofit.returned_cache(out), attention_mask=late,
+                                           cache_position=torch.arange(6, 10))
 
 
 def test_families_without_mask_support_refuse_padding():
