@@ -2,6 +2,7 @@
 
     python benchmarks/bench_decode.py                       # builtin:mamba2-byte, CPU or GPU
     python benchmarks/bench_decode.py --model DIR --segments 0 4 16 64 --segment-size 128
+    python benchmarks/bench_decode.py --smoke               # tiny sizes: checks the script
 
 For each N, a prompt of ``N * segment_size`` tokens is prefilled with a cache (so N
 segments are cached in every MC layer), then ``--steps`` single-token steps are timed;
@@ -96,6 +97,7 @@ def run(args) -> dict:
     bar.close()
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
     return dict(benchmark="decode_step_latency", model=args.model, device=name, date=_dt.date.today().isoformat(),
+                smoke=bool(getattr(args, "smoke", False)),
                 versions=versions(), settings=dict(segment_size=args.segment_size, steps=args.steps, top_k=args.top_k,
                                                    cap=args.cap, cap_policy="log", aggregations=args.aggregations,
                                                    segments=args.segments),
@@ -136,15 +138,20 @@ def plot(result, path: Path) -> None:
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="builtin:mamba2-byte")
-    p.add_argument("--segments", type=int, nargs="+", default=[0, 1, 2, 4, 8, 16, 32, 64])
-    p.add_argument("--segment-size", type=int, default=64)
+    p.add_argument("--segments", type=int, nargs="+", help="default 0 1 2 4 8 16 32 64 (--smoke: 0 2)")
+    p.add_argument("--segment-size", type=int, help="default 64 (--smoke: 16)")
     p.add_argument("--aggregations", nargs="+", default=["residual", "gated", "ssc"])
     p.add_argument("--top-k", type=int, default=4)
     p.add_argument("--cap", type=int, default=8, help="max_cached_segments of the capped runs (log policy)")
-    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--steps", type=int, help="default 30 (--smoke: 2)")
     p.add_argument("--device")
+    p.add_argument("--smoke", action="store_true", help="tiny sizes (checks the script; numbers mean nothing)")
     p.add_argument("--out", default=str(HERE / "results"))
     args = p.parse_args(argv)
+    for name, full, smoke in (("segments", [0, 1, 2, 4, 8, 16, 32, 64], [0, 2]), ("segment_size", 64, 16),
+                              ("steps", 30, 2)):
+        if getattr(args, name) is None:
+            setattr(args, name, smoke if args.smoke else full)
     result = run(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -158,7 +158,7 @@ def prefill(model, ids):
         return model.base_model(ids).last_hidden_state
 
 
-def bench_prefill(cfg, device, dtype, progress):
+def bench_prefill(cfg, device, dtype, progress, checkpoint=None):
     from mc_retrofit.config import MCConfig
     from mc_retrofit.model import convert
 
@@ -194,6 +194,8 @@ def bench_prefill(cfg, device, dtype, progress):
                 del mc
                 progress()
         rows.append(entry)
+        if checkpoint:
+            checkpoint(rows)  # each finished length is on disk even if a later one never ends
     return rows
 
 
@@ -284,12 +286,19 @@ def main(argv=None):
     ap.add_argument("--smoke", action="store_true", help="tiny sizes (checks the script; numbers mean nothing)")
     ap.add_argument("--out", default=str(HERE / "results"), help="directory for the JSON and PNG")
     ap.add_argument("--lengths", type=int, nargs="*", help="override prefill lengths")
+    ap.add_argument("--segments", type=int, nargs="+", help="override the MC segment sizes of the prefill grid")
+    ap.add_argument("--aggs", nargs="+", choices=["gated", "residual", "ssc"], help="override the aggregations")
+    ap.add_argument("--top-k", type=int, help="override SSC's top-k")
+    ap.add_argument("--repeats", type=int, help="override the timed repeats")
     ap.add_argument("--skip-prefill", action="store_true")
+    ap.add_argument("--skip-readout", action="store_true", help="skip (a) and (c), the read-out kernel timings")
     args = ap.parse_args(argv)
     torch.set_flush_denormal(True)
     cfg = dict(SMOKE if args.smoke else FULL)
-    if args.lengths:
-        cfg["lengths"] = args.lengths
+    for key, value in (("lengths", args.lengths), ("segments", args.segments), ("aggs", args.aggs),
+                       ("top_k", args.top_k), ("repeats", args.repeats)):
+        if value:
+            cfg[key] = value
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cpu" and not args.smoke:
         ap.error("the full benchmark needs a CUDA GPU; use --smoke on CPU")
@@ -311,23 +320,29 @@ def _run(args, cfg, device, dtype, use_kernel):
     from tqdm import tqdm
 
     n_prefill = 0 if args.skip_prefill else len(cfg["lengths"]) * (2 + len(cfg["aggs"]) * len(cfg["segments"]))
-    bar = tqdm(total=2 + n_prefill, desc="mc bench", file=sys.stderr)
+    bar = tqdm(total=(0 if args.skip_readout else 2) + n_prefill, desc="mc bench", file=sys.stderr)
     step = lambda: bar.update(1)  # noqa: E731
     result = dict(device=torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
                   date=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), versions=versions(),
                   smoke=args.smoke, kernel_used=use_kernel, dtype=str(dtype), peaks=peaks_for(device),
                   settings={k: v for k, v in cfg.items()})
-    result["readout"] = bench_readout(cfg, device, dtype, use_kernel)
-    step()
-    result["decode"] = bench_decode(cfg, device, dtype, use_kernel)
-    step()
-    result["prefill"] = [] if args.skip_prefill else bench_prefill(cfg, device, dtype, step)
-    bar.close()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     tag = ("smoke-" if args.smoke else "") + result["device"].replace(" ", "_").replace("/", "_")
     stem = out / f"mc_bench-{tag}-{result['date'][:10]}"
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    save = lambda: stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")  # noqa: E731
+    result["readout"], result["decode"], result["prefill"] = [], [], []
+    if not args.skip_readout:
+        result["readout"] = bench_readout(cfg, device, dtype, use_kernel)
+        step()
+        result["decode"] = bench_decode(cfg, device, dtype, use_kernel)
+        step()
+        save()
+    if not args.skip_prefill:
+        result["prefill"] = bench_prefill(cfg, device, dtype, step,
+                                          checkpoint=lambda rows: (result.__setitem__("prefill", rows), save()))
+    bar.close()
+    save()
     if result["prefill"]:
         plot(result, stem.with_suffix(".png"))
     print_table(result)
