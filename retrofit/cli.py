@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import importlib
 import json
+import math
 import os
 import sys
 
@@ -24,6 +25,24 @@ def _human(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return f"{n:.1f} GiB"
+
+
+class FiniteFloat(click.FloatRange):
+    """A float option that refuses ``inf`` and ``nan`` (click's FLOAT and FloatRange accept
+    both: ``--lr inf`` trained a model of NaN gates and exited 0), optionally within
+    FloatRange's bounds. Every float option of the CLI uses it."""
+
+    name = "float"
+
+    def convert(self, value, param, ctx):
+        number = click.FLOAT.convert(value, param, ctx)
+        if not math.isfinite(number):  # nan compares false to every bound: check it first
+            self.fail(f"{value} is not a finite number", param, ctx)
+        return super().convert(number, param, ctx)
+
+    def _describe_range(self) -> str:
+        # no bounds: nothing to add to the help (FloatRange would print "x<=None")
+        return "" if self.min is None and self.max is None else super()._describe_range()
 
 
 def friendly(fn):
@@ -57,9 +76,9 @@ def mc_options(fn):
         click.option("--aggregation", type=click.Choice(["residual", "gated", "soup", "ssc"]), help="How cached reads combine (default gated)."),
         click.option("--top-k", type=click.IntRange(min=1), help="Cached segments kept per token under ssc (default 2)."),
         click.option("--gate-source", type=click.Choice(["query", "learned"]), help="Gate input: the layer's query or a learned connector."),
-        click.option("--temperature", type=click.FloatRange(min=0, min_open=True), help="Gate softmax temperature (default 1)."),
-        click.option("--online-bias", type=float, help="Added to the online memory's gate logit (default 0)."),
-        click.option("--cache-weight", type=float, help="Initial mix of the cached reads: 1 = MC, 0 = exactly the base model."),
+        click.option("--temperature", type=FiniteFloat(min=0, min_open=True), help="Gate softmax temperature (default 1)."),
+        click.option("--online-bias", type=FiniteFloat(), help="Added to the online memory's gate logit (default 0)."),
+        click.option("--cache-weight", type=FiniteFloat(), help="Initial mix of the cached reads: 1 = MC, 0 = exactly the base model."),
         click.option("--layers", help="Comma-separated mixer layer indices to wrap (default: all)."),
         click.option("--max-cached-segments", type=click.IntRange(min=1), help="Keep at most this many cached segments per layer."),
         click.option("--cache-policy", type=click.Choice(["recent", "log"]),
@@ -70,20 +89,45 @@ def mc_options(fn):
     return fn
 
 
-def build_config(config_file=None, layers=None, **values) -> MCConfig:
-    base = {}
+def build_config(config_file=None, layers=None, *, defaults: dict | None = None, **values) -> MCConfig:
+    """The MCConfig of the MC options given on the command line (None: not given), over
+    ``--config``'s file, over ``defaults`` (a command's own defaults: not counted as given,
+    so they are never refused as ignored flags)."""
+    base = dict(defaults or {})
     if config_file:
         if not os.path.isfile(config_file):
             raise MCError(f"{config_file} does not exist")
         with open(config_file) as f:
             base = MCConfig.from_json(f.read()).to_dict()
+    given = {k for k, v in values.items() if v is not None}
     if layers is not None:
         try:
             base["layers"] = [int(x) for x in layers.split(",") if x.strip()]
         except ValueError:
             raise MCError(f"--layers takes comma-separated integers like 0,2,3, not {layers!r}") from None
+        if not base["layers"]:  # ",,," would convert nothing and still report success
+            raise MCError(f"--layers needs at least one layer index like 0,2,3, not {layers!r} (omit it to wrap all)")
     base.update({k: v for k, v in values.items() if v is not None})
-    return MCConfig.from_dict(base)
+    config = MCConfig.from_dict(base)
+    ignored = config.ignored(given)
+    if ignored:  # a flag that changes nothing is a misunderstanding; say which and why
+        name, why = ignored[0]
+        raise MCError(f"--{name.replace('_', '-')} {why}; drop it")
+    return config
+
+
+def mc_given(mc: dict) -> bool:
+    """Whether any MC option was given on the command line."""
+    return any(v is not None for v in mc.values())
+
+
+def _is_converted(path) -> bool:
+    """A converted directory or an exported file (both carry their own MCConfig)."""
+    from .config import CONFIG_NAME
+    from .model import resolve_path
+
+    p = resolve_path(path)
+    return p.is_file() or (p / CONFIG_NAME).is_file()
 
 
 # Commands that live in their own modules (one module per command, so work on them does
@@ -124,7 +168,7 @@ def main():
 @main.command()
 @click.argument("src")
 @click.option("--out", required=True, type=click.Path(), help="Directory to write the converted model to.")
-@click.option("--force", is_flag=True, help="Overwrite --out if it exists.")
+@click.option("--force", is_flag=True, help="Replace --out if it is an earlier mc-retrofit output of the same kind.")
 @mc_options
 @friendly
 def convert(src, out, force, **mc):
@@ -133,8 +177,10 @@ def convert(src, out, force, **mc):
     from .files import check_target
 
     config = build_config(**mc)
-    check_target(Path(out).absolute(), force)
-    hf = m.read_hf_config(m.resolve_path(src))
+    source = m.resolve_path(src)
+    # Before any loading: --force replaces only an earlier converted model, never SRC or the cwd.
+    check_target(out, force, kind="converted", sources=[source])
+    hf = m.read_hf_config(source)
     bad = [i for i in (config.layers or []) if i >= hf.num_hidden_layers]
     if bad:  # checked before loading any weight
         raise MCError(f"layers {bad} do not exist: the model has {hf.num_hidden_layers} recurrent layers")
@@ -142,9 +188,11 @@ def convert(src, out, force, **mc):
     model = m.convert(base, config)
     m.save_converted(model, out, force=force)
     n = sum(p.numel() for p in m.gate_state_dict(model).values())
+    c = model.mc_config
+    segments = f"segment {c.segment_size}" if c.segmentation == "constant" else "log segments"
     click.echo(
-        f"converted {src} ({model.mc_config.family}, {len(m.gate_modules(model))} MC layers, "
-        f"{model.mc_config.aggregation}, segment {model.mc_config.segment_size}, {n} gate parameters) -> {out}"
+        f"converted {src} ({c.family}, {len(m.gate_modules(model))} MC layers, "
+        f"{c.aggregation}, {segments}, {n} gate parameters) -> {out}"
     )
 
 
@@ -160,7 +208,14 @@ def inspect(path, as_json, **mc):
 
     from .inspect import describe
 
-    d = describe(path, build_config(**mc))
+    # No MC options: None, so describe can tell "nothing given" from "the defaults given"
+    # (and refuse options for a converted model, whose own mc_config.json rules).
+    if mc_given(mc) and _is_converted(path):
+        flags = ", ".join("--config" if k == "config_file" else f"--{k.replace('_', '-')}"
+                          for k, v in mc.items() if v is not None)
+        raise MCError(f"{path} is converted: its mc_config.json sets the MC options, so {flags} would be ignored; "
+                      "drop them, or inspect the original checkpoint with them")
+    d = describe(path, build_config(**mc) if mc_given(mc) else None)
     if as_json:
         click.echo(json.dumps(d.to_dict(), indent=2))
         return
@@ -190,14 +245,16 @@ def inspect(path, as_json, **mc):
 @main.command()
 @click.argument("src")
 @click.option("--out", required=True, type=click.Path(), help="OUT.safetensors (one file) or a directory.")
-@click.option("--force", is_flag=True, help="Overwrite --out if it exists.")
+@click.option("--force", is_flag=True, help="Replace --out if it is an earlier mc-retrofit output of the same kind.")
 @friendly
 def export(src, out, force):
     """Write the converted model SRC as one .safetensors file (or a directory)."""
     from . import model as m
     from .files import check_target
 
-    check_target(Path(out).absolute(), force)
+    to_file = m.exports_to_file(out)
+    check_target(out, force, kind="exported" if to_file else "converted", sources=[m.resolve_path(src)],
+                 want_dir=not to_file)  # before loading: what --force may replace, and that --out is writable
     model = m.load(src)
     m.export(model, out, force=force)
     click.echo(f"exported {src} -> {out}")

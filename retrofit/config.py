@@ -25,6 +25,14 @@ GATE_SOURCES = ("query", "learned")
 CACHE_POLICIES = ("recent", "log")
 
 
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)  # True is an int to Python, not to a user
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 @dataclass
 class MCConfig:
     """Memory Caching settings.
@@ -84,36 +92,62 @@ class MCConfig:
     def validate(self) -> None:
         if self.segmentation not in SEGMENTATIONS:
             raise MCError(f"segmentation must be one of {', '.join(SEGMENTATIONS)}, not {self.segmentation!r}")
-        if not isinstance(self.segment_size, int) or self.segment_size < 1:
+        if not (_is_int(self.segment_size) and self.segment_size >= 1):
             raise MCError(f"segment_size must be a positive integer, not {self.segment_size!r}")
         if self.aggregation not in AGGREGATIONS:
             names = ", ".join(AGGREGATIONS + tuple(AGGREGATION_ALIASES))
             raise MCError(f"aggregation must be one of {names}, not {self.aggregation!r}")
-        if not isinstance(self.top_k, int) or self.top_k < 1:
+        if not (_is_int(self.top_k) and self.top_k >= 1):
             raise MCError(f"top_k must be a positive integer, not {self.top_k!r}")
         if self.gate_source not in GATE_SOURCES:
             raise MCError(f"gate_source must be one of {', '.join(GATE_SOURCES)}, not {self.gate_source!r}")
-        if not (isinstance(self.temperature, (int, float)) and self.temperature > 0 and math.isfinite(self.temperature)):
+        if not (_is_number(self.temperature) and self.temperature > 0 and math.isfinite(self.temperature)):
             raise MCError(f"temperature must be a positive number, not {self.temperature!r}")
-        if not (isinstance(self.online_bias, (int, float)) and math.isfinite(self.online_bias)):
+        if not (_is_number(self.online_bias) and math.isfinite(self.online_bias)):
             raise MCError(f"online_bias must be a finite number, not {self.online_bias!r}")
-        if not (isinstance(self.cache_weight, (int, float)) and math.isfinite(self.cache_weight)):
+        if not (_is_number(self.cache_weight) and math.isfinite(self.cache_weight)):
             raise MCError(f"cache_weight must be a finite number, not {self.cache_weight!r}")
         if self.layers is not None:
-            if not all(isinstance(i, int) and i >= 0 for i in self.layers):
+            if not (isinstance(self.layers, (list, tuple)) and all(_is_int(i) and i >= 0 for i in self.layers)):
                 raise MCError(f"layers must be a list of non-negative layer indices, not {self.layers!r}")
+            if not self.layers:  # an empty list would convert nothing and still call it converted
+                raise MCError("layers must name at least one layer (None wraps all of them)")
             self.layers = sorted(set(self.layers))
-        if self.max_cached_segments is not None and (
-            not isinstance(self.max_cached_segments, int) or self.max_cached_segments < 1
+        if self.max_cached_segments is not None and not (
+            _is_int(self.max_cached_segments) and self.max_cached_segments >= 1
         ):
             raise MCError(f"max_cached_segments must be a positive integer or None, not {self.max_cached_segments!r}")
         if self.cache_policy not in CACHE_POLICIES:
             raise MCError(f"cache_policy must be one of {', '.join(CACHE_POLICIES)}, not {self.cache_policy!r}")
+        if self.family is not None and not isinstance(self.family, str):
+            raise MCError(f"family must be a model family name or None, not {self.family!r}")
+        if not (_is_int(self.format_version) and self.format_version >= 1):
+            raise MCError(f"format_version must be a positive integer (this version writes {FORMAT_VERSION}), "
+                          f"not {self.format_version!r}")
         if self.format_version > FORMAT_VERSION:
             raise MCError(
                 f"mc_config format version {self.format_version} is newer than this mc-retrofit reads "
                 f"({FORMAT_VERSION}); upgrade mc-retrofit"
             )
+
+    def ignored(self, given) -> list[tuple[str, str]]:
+        """``(field, why)`` for each field in ``given`` (the ones a user set explicitly) that
+        this configuration would ignore: setting it changes nothing, which is almost always a
+        mistake about what the other settings mean, so callers refuse it."""
+        given = set(given)
+        out = []
+        if "segment_size" in given and self.segmentation == "log":
+            out.append(("segment_size", "has no effect under log segmentation (segments are the powers of two "
+                                        "of each call's length)"))
+        if "top_k" in given and self.aggregation != "ssc":
+            out.append(("top_k", f"applies only to aggregation ssc, not {self.aggregation}"))
+        if "cache_policy" in given and self.max_cached_segments is None:
+            out.append(("cache_policy", "applies only with max_cached_segments (without a cap nothing is dropped)"))
+        if self.aggregation == "residual":
+            for name in ("temperature", "online_bias", "gate_source"):
+                if name in given:
+                    out.append((name, "has no effect under residual aggregation (every cached read has weight 1)"))
+        return out
 
     # -- (de)serialisation -------------------------------------------------
     def to_dict(self) -> dict:

@@ -23,10 +23,20 @@ gate gradients; rank 0 alone shows progress and writes checkpoints and the outpu
 Checkpoints (``<out>.checkpoint/``, written atomically) hold the gate tensors, the
 optimizer, the scheduler, the sampler (generator state and the current streams' starts),
 the step and, with state passing, every rank's carried cache (``carry.pt``), so a resumed
-run ends with exactly the same gates as an uninterrupted one.
+run ends with exactly the same gates as an uninterrupted one. Both files hold plain data
+only and are read with ``torch.load(weights_only=True)`` (the carried cache through
+``finetune_carry``): nothing in a checkpoint folder is ever unpickled. A checkpoint
+resumes only the run that wrote it (:func:`run_id`: settings, model, MC config, data),
+and ``carry.pt`` only with the ``state.pt`` that recorded its hash.
+
+A step whose loss or gates are not finite stops the run with one line naming the step;
+nothing of it is checkpointed or written.
 """
 from __future__ import annotations
 
+import hashlib
+import io
+import json
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -38,6 +48,8 @@ import torch.nn.functional as F
 from . import finetune_dist
 from .errors import MCError
 from .files import atomic_dir, check_target
+from .finetune_carry import FORMAT as CARRY_FORMAT
+from .finetune_carry import restore, template_cache, to_plain
 from .finetune_data import (RowSampler, WindowSampler, inputs_and_targets, labelled_rows, read_texts,  # noqa: F401
                             sample_windows, split_heldout, split_rows)
 from .finetune_step import window_loss_and_backward
@@ -115,65 +127,137 @@ def checkpoint_dir(out: str | Path) -> Path:
     return out.parent / f"{out.name}.checkpoint"
 
 
-def _save_checkpoint(path: Path, model, opt, sched, sampler, step: int, args: FinetuneArgs, carries) -> None:
-    """``carries``: every rank's carried cache (rank order), or None without one."""
+def _digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def run_id(model, args: FinetuneArgs, train: torch.Tensor, held: torch.Tensor) -> str:
+    """What a checkpoint must have been made by to be resumed: the settings, the MC config,
+    the model's config and a sample of its weights, the gates' names and shapes, and the
+    exact training data. A checkpoint next to ``--out`` from another run is refused."""
+    config = {k: v for k, v in model.config.to_dict().items()
+              if not k.startswith("_") and k != "transformers_version"}  # not where it was loaded from
+    weights = hashlib.sha256()
+    for name, p in model.named_parameters():  # a few values of each: cheap even for a large model
+        weights.update(f"{name}{tuple(p.shape)}".encode())
+        if ".mc_gate." not in f".{name}":
+            weights.update(p.detach().flatten()[:64].float().cpu().numpy().tobytes())
+    data = hashlib.sha256()
+    for t in (train, held):  # bytes of text as bytes (not 8x as int64)
+        t = t.to(torch.uint8) if t.dim() == 1 else t
+        data.update(t.contiguous().cpu().numpy().tobytes())
+    described = {"args": asdict(args), "mc_config": model.mc_config.to_dict(), "config": config,
+                 "weights": weights.hexdigest(), "data": data.hexdigest()}
+    return _digest(json.dumps(described, sort_keys=True, default=str).encode())
+
+
+def _save_checkpoint(path: Path, model, opt, sched, sampler, step: int, args: FinetuneArgs, carries,
+                     run: str) -> None:
+    """``carries``: every rank's carried cache as plain data (:func:`to_plain`, rank order),
+    or None without one. ``run``: :func:`run_id`."""
     state = {
         "step": step,
         "args": asdict(args),
+        "run": run,
         "gates": {n: p.detach().clone().cpu() for n, p in gate_parameters(model)},
         "optimizer": opt.state_dict(),
         "scheduler": sched.state_dict(),
         "sampler": sampler.state_dict(),
+        "carry": None,  # the sha256 of carry.pt: binds the carried state to this state file
     }
-    with atomic_dir(path, force=True) as tmp:
-        torch.save(state, tmp / STATE_NAME)
+    with atomic_dir(path, force=True, kind="checkpoint") as tmp:
         if carries is not None and any(c is not None for c in carries):
-            # The cache is the family's own object (a transformers Cache, RWKV-4's list of
-            # tensors, fla's Cache) with the MC memory on it: pickled whole, not as weights.
-            torch.save(carries, tmp / CARRY_NAME)
+            # plain data only (finetune_carry): resuming never unpickles an object
+            torch.save({"format": CARRY_FORMAT, "run": run, "world": len(carries), "carries": carries},
+                       tmp / CARRY_NAME)
+            state["carry"] = _digest((tmp / CARRY_NAME).read_bytes())
+        torch.save(state, tmp / STATE_NAME)
 
 
-def _load_checkpoint(path: Path, model, opt, sched, sampler, args: FinetuneArgs, rank: int, world: int):
-    """Restore everything; returns (step, this rank's carried cache or None)."""
+def _load_checkpoint(path: Path, model, opt, sched, sampler, args: FinetuneArgs, rank: int, world: int,
+                     run: str, batch: int):
+    """Restore everything; returns (step, this rank's carried cache or None). Every file is
+    read with ``weights_only=True``: a checkpoint folder is never trusted to hold code."""
+    from .model import check_finite_gate
+
     file = path / STATE_NAME
     try:
         state = torch.load(file, weights_only=True, map_location="cpu")
-    except Exception as e:  # noqa: BLE001
-        raise MCError(f"could not read the checkpoint {file}: {str(e).splitlines()[0] if str(e) else e}") from None
+    except Exception:  # noqa: BLE001 - torch's message recommends weights_only=False: not ours to give
+        raise MCError(f"could not read {file} as plain tensors (damaged, or not written by mc-retrofit); "
+                      f"delete {path} or start over with --force") from None
+    if not isinstance(state, dict) or not isinstance(state.get("args"), dict) or not isinstance(state.get("gates"), dict):
+        raise MCError(f"{file} is not an mc-retrofit checkpoint; delete {path} or start over with --force")
     want = asdict(args)
     if state["args"] != want:
         diff = sorted(k for k in want if state["args"].get(k) != want[k])
         raise MCError(f"checkpoint {path} was made with different settings ({', '.join(diff)}); "
                       "use the same options to resume, or drop --resume")
+    if state.get("run") != run:
+        raise MCError(f"checkpoint {path} belongs to another run (another model, MC config or training data, or an "
+                      "older mc-retrofit); resume with the same ones, or start over with --force")
     params = dict(gate_parameters(model))
     if set(state["gates"]) != set(params):
         raise MCError(f"checkpoint {path} does not match this model's gates")
     with torch.no_grad():
         for n, v in state["gates"].items():
+            check_finite_gate(n, v)
             params[n].copy_(v)
     opt.load_state_dict(state["optimizer"])
     sched.load_state_dict(state["scheduler"])
     sampler.load_state_dict(state["sampler"])
     carry = None
     if (path / CARRY_NAME).is_file():
-        device = next(model.parameters()).device
-        # weights_only=False: the carried cache is an arbitrary family object, and this
-        # file is the one our own run wrote next to --out.
-        carries = torch.load(path / CARRY_NAME, weights_only=False, map_location=device)
-        if len(carries) != world:
-            raise MCError(f"checkpoint {path} carries state for {len(carries)} processes, this run has {world}: "
-                          "resume state passing with the same number of processes")
-        carry = carries[rank]
+        carry = _load_carry(path / CARRY_NAME, state.get("carry"), model, run, rank, world, batch)
+    # (carry.pt absent, though written: the streams continue from a fresh state)
     return int(state["step"]), carry
 
 
+def _load_carry(file: Path, expected: str | None, model, run: str, rank: int, world: int, batch: int):
+    """This rank's carried cache from ``carry.pt``: only the very file this checkpoint's
+    state recorded (its sha256), read as plain data and built into a fresh cache."""
+    if expected is None:
+        raise MCError(f"{file} was not written by this run (its checkpoint records no carried state); "
+                      "delete it to resume")
+    data = file.read_bytes()  # checked and loaded from the same bytes
+    if _digest(data) != expected:
+        raise MCError(f"{file} is not the carried state this checkpoint wrote (its contents differ); "
+                      "delete it to resume without the carried state")
+    try:
+        saved = torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
+    except Exception:  # noqa: BLE001
+        raise MCError(f"could not read {file} as plain tensors; delete it to resume without the carried state") from None
+    if not isinstance(saved, dict) or saved.get("format") != CARRY_FORMAT or saved.get("run") != run:
+        raise MCError(f"{file} is not a carried state of this run; delete it to resume without it")
+    if saved.get("world") != world or len(saved.get("carries") or ()) != world:
+        raise MCError(f"checkpoint {file.parent} carries state for {saved.get('world')} processes, this run has "
+                      f"{world}: resume state passing with the same number of processes")
+    device = next(model.parameters()).device
+    return restore(template_cache(model, batch // world, device), saved["carries"][rank], device, where=str(file))
+
+
 # -- training loop --------------------------------------------------------------------------
-def _check_args(steps, seq_len, batch, warmup, lr, tbptt, state_passing, grad_checkpointing) -> None:
+def _check_finite(step: int, what: str, value: float, lr: float) -> None:
+    """A non-finite loss stops the run (nothing of this step is checkpointed or written)."""
+    if not math.isfinite(value):
+        raise MCError(f"step {step}: the {what} is {value} (not finite); nothing of this step was saved: "
+                      f"use a smaller --lr than {lr:g}, or check the data")
+
+
+def _check_args(steps, seq_len, batch, warmup, lr, tbptt, state_passing, grad_checkpointing,
+                weight_decay: float = 0.0, heldout_share: float = 0.05) -> None:
     for name, value in (("steps", steps), ("seq_len", seq_len), ("batch", batch)):
         if int(value) < 1:
             raise MCError(f"{name} must be a positive integer, not {value!r}")
+    # nan passes every comparison below (nan <= 0 is False) and inf trains NaN gates
+    for name, value in (("lr", lr), ("state_passing", state_passing), ("weight_decay", weight_decay),
+                        ("heldout_share", heldout_share)):
+        if not math.isfinite(float(value)):
+            raise MCError(f"{name} must be a finite number, not {value!r}")
     if warmup < 0 or lr <= 0:
         raise MCError("warmup must be >= 0 and lr > 0")
+    if weight_decay < 0 or not 0 <= heldout_share < 1:
+        raise MCError(f"weight_decay must be >= 0 and heldout_share in [0, 1), not {weight_decay!r} and {heldout_share!r}")
     # 1-token chunks would run the families' one-token decoding step, which updates the
     # cache in place and cannot be differentiated through (see finetune_step.chunk_bounds)
     if tbptt is not None and not 2 <= int(tbptt) <= seq_len:
@@ -187,6 +271,28 @@ def _check_args(steps, seq_len, batch, warmup, lr, tbptt, state_passing, grad_ch
         # chunk would append its segments to the carried MC memory a second time.
         raise MCError("--grad-checkpointing cannot be combined with --tbptt shorter than --seq-len "
                       "or with --state-passing (both run through the model's cache)")
+
+
+def check_reads_cache(config, seq_len: int, tbptt: int | None, state_passing: float) -> None:
+    """Refuse a run in which no token ever reads a cached segment: every gate gradient
+    would be exactly 0 and the run would report success having trained nothing."""
+    if state_passing > 0:
+        return  # a continued stream reads the segments of the windows before it
+    if config.segmentation == "constant":
+        # boundaries are absolute, so TBPTT chunks change nothing: the first segment closes
+        # at segment_size, and only a token after it can read it
+        if seq_len > config.segment_size:
+            return
+        raise MCError(f"--seq-len {seq_len} is not longer than the segment size ({config.segment_size}): no token of "
+                      "a window reads a cached segment, so every gate gradient would be 0 and nothing would be "
+                      f"trained; use --seq-len > {config.segment_size}, a smaller --segment-size, or --state-passing")
+    # log: a call closes every piece of its binary expansion but the last, and a later
+    # TBPTT chunk first closes the open segment the chunk before it left
+    if (tbptt is not None and tbptt < seq_len) or seq_len & (seq_len - 1):
+        return
+    raise MCError(f"--seq-len {seq_len} is a power of two: under log segmentation a window of it is one open segment, "
+                  "no token reads a cached segment, so every gate gradient would be 0; use a --seq-len that is not a "
+                  "power of two, --tbptt, or --state-passing")
 
 
 def finetune(model, texts_or_dataset, *, steps: int = 200, seq_len: int = 2048, lr: float = 1e-2, batch: int = 4,
@@ -224,11 +330,18 @@ def finetune(model, texts_or_dataset, *, steps: int = 200, seq_len: int = 2048, 
 
     if getattr(model, "mc_config", None) is None:
         raise MCError("model is not converted; call mc_retrofit.convert(model, MCConfig(...)) first")
-    _check_args(steps, seq_len, batch, warmup, lr, tbptt, state_passing, grad_checkpointing)
+    _check_args(steps, seq_len, batch, warmup, lr, tbptt, state_passing, grad_checkpointing, weight_decay,
+                heldout_share)
     if resume and out is None:
         raise MCError("resume needs out (the checkpoint lives next to it)")
-    if out is not None and not force:
-        check_target(Path(out).absolute(), force)
+    if out is not None:
+        # --force replaces only an earlier converted model, never the one this model came from.
+        check_target(Path(out).absolute(), force, kind="converted", sources=[getattr(model, "mc_source_dir", None)])
+        ckpt_path = checkpoint_dir(out)
+        if not resume and ckpt_path.exists():  # a fresh run would overwrite it at its first checkpoint
+            if not force:
+                raise MCError(f"a checkpoint exists at {ckpt_path}: pass --resume to continue it or --force to start over")
+            check_target(ckpt_path, True, kind="checkpoint")  # starting over replaces only an mc-retrofit checkpoint
     tbptt = None if tbptt is None or int(tbptt) >= seq_len else int(tbptt)  # seq_len: the plain run
     args = FinetuneArgs(steps, seq_len, float(lr), batch, warmup, seed, float(weight_decay), float(heldout_share),
                         tbptt, float(state_passing), bool(grad_checkpointing))
@@ -247,6 +360,7 @@ def finetune(model, texts_or_dataset, *, steps: int = 200, seq_len: int = 2048, 
     if int(max(t.max() for t in tokens)) >= vocab or int(min(t.min() for t in tokens)) < 0:
         raise MCError(f"the data has tokens outside the model's vocabulary (0..{vocab - 1})"
                       + ("" if rows else ": byte-level models only"))
+    check_reads_cache(model.mc_config, seq_len, tbptt, state_passing)  # the data's own errors first
 
     params = gate_parameters(model)
     if not params:
@@ -274,12 +388,13 @@ def finetune(model, texts_or_dataset, *, steps: int = 200, seq_len: int = 2048, 
     held_windows = (held[:n_held] if rows else sample_windows(held, n_held, seq_len, held_gen)).to(device)
     ckpt = checkpoint_dir(out) if out is not None else None
     every = checkpoint_every or eval_every
+    run = run_id(model, args, train, held) if ckpt is not None else None
 
     step, carry = 0, None
     if resume:
         if not (ckpt / STATE_NAME).is_file():
             raise MCError(f"no checkpoint to resume at {ckpt}")
-        step, carry = _load_checkpoint(ckpt, model, opt, sched, sampler, args, dist.rank, dist.world)
+        step, carry = _load_checkpoint(ckpt, model, opt, sched, sampler, args, dist.rank, dist.world, run, batch)
         log(f"resumed from {ckpt} at step {step}")
 
     def heldout() -> float:
@@ -287,9 +402,13 @@ def finetune(model, texts_or_dataset, *, steps: int = 200, seq_len: int = 2048, 
         model.eval()  # no dropout, no activation checkpointing in the evaluation
         try:
             with torch.no_grad():
-                return float(lm_loss(model, held_windows))
+                value = float(lm_loss(model, held_windows))
+        except MCError as e:  # e.g. a non-finite forward (mc_retrofit.runner.check_finite_output)
+            raise MCError(f"step {step}: held-out evaluation: {e}") from None
         finally:
             model.train(mode)
+        _check_finite(step, "held-out loss", value, lr)
+        return value
 
     history: list[tuple[int, float]] = []
     train_loss = float("nan")
@@ -305,23 +424,32 @@ def finetune(model, texts_or_dataset, *, steps: int = 200, seq_len: int = 2048, 
             windows, continued = sampler.next()
             windows = dist.shard(windows).to(device)
             opt.zero_grad(set_to_none=True)
-            loss, carry = window_loss_and_backward(
-                trainee, windows, [p for _, p in params], tbptt=tbptt, cache=carry if continued else None,
-                keep_cache=state_passing > 0, no_sync=no_sync)
+            try:
+                loss, carry = window_loss_and_backward(
+                    trainee, windows, [p for _, p in params], tbptt=tbptt, cache=carry if continued else None,
+                    keep_cache=state_passing > 0, no_sync=no_sync)
+            except MCError as e:
+                raise MCError(f"step {step + 1}: {e}") from None
             used_lr = sched.get_last_lr()[0]  # the rate this step ran with (step() moves to the next)
+            train_loss = float(dist.mean(loss))
+            _check_finite(step + 1, "training loss", train_loss, lr)  # before the step moves the gates
             opt.step()
             sched.step()
             step += 1
-            train_loss = float(dist.mean(loss))
+            # never checkpoint or write non-finite gates (every rank holds the same gates)
+            if not bool(torch.stack([torch.isfinite(p).all() for _, p in params]).all()):  # one sync
+                bad = next(n for n, p in params if not bool(torch.isfinite(p).all()))
+                raise MCError(f"step {step}: the optimizer step made the gate {bad} non-finite (NaN/inf); "
+                              f"nothing of this step was saved: use a smaller --lr than {lr:g}")
             bar.update(1)
             bar.set_postfix(loss=f"{train_loss:.4f}", lr=f"{used_lr:.2e}")
             if eval_every and (step % eval_every == 0 or step == steps):
                 history.append((step, heldout()))
                 (bar.write if progress else log)(f"step {step}: held-out loss {history[-1][1]:.4f} nats/byte")
             if ckpt is not None and ((every and step % every == 0) or step == end) and step < steps:
-                carries = dist.gather(carry) if state_passing > 0 else None
+                carries = dist.gather(None if carry is None else to_plain(carry)) if state_passing > 0 else None
                 if dist.main:
-                    _save_checkpoint(ckpt, model, opt, sched, sampler, step, args, carries)
+                    _save_checkpoint(ckpt, model, opt, sched, sampler, step, args, carries, run)
                 dist.barrier()  # nobody runs ahead of a checkpoint that is still being written
         bar.close()
     finally:

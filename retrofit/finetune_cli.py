@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from .cli import build_config, friendly, mc_options
+from .cli import FiniteFloat, build_config, friendly, mc_options
 from .errors import MCError
 
 # Fine-tuning starts from exactly the base model (cache_weight 0) with a learned connector.
@@ -19,7 +19,7 @@ FINETUNE_DEFAULTS = {"cache_weight": 0.0, "gate_source": "learned"}
 @click.option("--out", required=True, type=click.Path(), help="Directory to write the fine-tuned converted model to.")
 @click.option("--steps", type=click.IntRange(min=1), default=200, show_default=True)
 @click.option("--seq-len", type=click.IntRange(min=1), default=2048, show_default=True, help="Bytes per window.")
-@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-2, show_default=True)
+@click.option("--lr", type=FiniteFloat(min=0, min_open=True), default=1e-2, show_default=True)
 @click.option("--batch", type=click.IntRange(min=1), default=4, show_default=True)
 @click.option("--warmup", type=click.IntRange(min=0), default=20, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
@@ -29,7 +29,7 @@ FINETUNE_DEFAULTS = {"cache_weight": 0.0, "gate_source": "learned"}
               help="Truncated backpropagation: run each window in chunks of L tokens through the model's cache "
                    "(recurrent state + MC memory), backward per chunk, state detached between chunks. Same loss, "
                    "activations of one chunk at a time. 2 <= L <= --seq-len.")
-@click.option("--state-passing", type=float, default=0.0, show_default=True, metavar="P",
+@click.option("--state-passing", type=FiniteFloat(), default=0.0, show_default=True, metavar="P",
               help="Probability in [0, 1] that a step continues the previous step's text streams from their final "
                    "state (cache + MC memory), so the gates see memories older than one window.")
 @click.option("--grad-checkpointing", is_flag=True,
@@ -51,24 +51,30 @@ def command(model_path, data, out, steps, seq_len, lr, batch, warmup, seed, eval
 
     from . import model as m
     from .files import check_target
-    from .finetune import _check_args, finetune, read_texts
+    from .config import MCConfig
+    from .finetune import _check_args, check_reads_cache, finetune, read_texts
 
     _check_args(steps, seq_len, batch, warmup, lr, tbptt, state_passing, grad_checkpointing)  # before any loading
     if not Path(data).exists():
         raise MCError(f"data path {data} does not exist")
     if not force:
         check_target(Path(out).absolute(), force)
-    read_texts(data)  # bad or empty data fails before any weight is loaded
+    if not read_texts(data):  # bad or empty data fails before any weight is loaded
+        raise MCError("the training data is empty")
     p = m.resolve_path(model_path)
     converted = p.is_file() or (p / "mc_config.json").is_file()
     if converted:
         if any(v is not None for v in mc.values()):
             raise MCError(f"{model_path} is already converted; MC options apply only to an original checkpoint")
+        if p.is_dir():  # an exported file's config is checked by finetune() once it is loaded
+            check_reads_cache(MCConfig.load(p), seq_len, tbptt, state_passing)  # before any weight loads
         model = m.load(p)
     else:
-        defaults = {} if mc.get("config_file") else FINETUNE_DEFAULTS  # a --config file's values win
-        values = {**defaults, **{k: v for k, v in mc.items() if v is not None}}
-        model = m.convert(m.load_base(p), build_config(**values))
+        # the command's own defaults are not flags the user gave (never refused as ignored);
+        # a --config file's values replace them
+        config = build_config(defaults=FINETUNE_DEFAULTS, **mc)
+        check_reads_cache(config, seq_len, tbptt, state_passing)  # before any weight loads
+        model = m.convert(m.load_base(p), config)
     torch.manual_seed(seed)
     result = finetune(model, data, steps=steps, seq_len=seq_len, lr=lr, batch=batch, warmup=warmup, seed=seed,
                       out=out, eval_every=eval_every, resume=resume, force=force, tbptt=tbptt,

@@ -8,14 +8,18 @@ from pathlib import Path
 import torch
 
 from .errors import MCError
+from .eval_only import check_not_eval_only
 from .tasks import EVAL_ONLY
 
 
 def read_texts(data) -> bytes:
     """Bytes from ``data``: a ``.txt`` file, a folder of ``*.txt`` files (sorted; the
-    evaluation-only books are skipped), ``bytes`` (the text itself), or a list of those."""
+    evaluation-only books are skipped), ``bytes`` (the text itself), or a list of those.
+    Text that is, or contains paragraphs of, an evaluation-only book is refused whatever
+    its name (:mod:`mc_retrofit.eval_only`)."""
     if isinstance(data, (bytes, bytearray)):
         out = bytes(data)
+        check_not_eval_only(out, "the tuning text")
     elif isinstance(data, (list, tuple)):
         out = b"\n\n".join(read_texts(d) for d in data)
     else:
@@ -26,11 +30,15 @@ def read_texts(data) -> bytes:
             files = sorted(p for p in path.glob("*.txt") if p.name not in EVAL_ONLY)
             if not files:
                 raise MCError(f"no training .txt files in {path} (evaluation-only books are skipped)")
-            out = b"\n\n".join(p.read_bytes() for p in files)
+            parts = [p.read_bytes() for p in files]
+            for p, part in zip(files, parts):
+                check_not_eval_only(part, str(p))
+            out = b"\n\n".join(parts)
         else:
             if path.name in EVAL_ONLY:
                 raise MCError(f"{path.name} is an evaluation-only book; do not train on it")
             out = path.read_bytes()
+            check_not_eval_only(out, str(path))
     return out
 
 

@@ -5,16 +5,17 @@ from pathlib import Path
 
 import click
 
-from .cli import friendly
+from .cli import FiniteFloat, friendly
 from .errors import MCError
 
 
 @click.command(name="generate")
 @click.argument("model_path", metavar="MODEL")
-@click.option("--prompt-file", type=click.Path(dir_okay=False), help="File whose text is the prompt.")
+@click.option("--prompt-file", type=click.Path(dir_okay=False),
+              help="File that is the prompt (a byte-level model gets its bytes exactly; a tokenizer, its UTF-8 text).")
 @click.option("--prompt", help="Prompt text (instead of --prompt-file).")
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=200, show_default=True)
-@click.option("--temperature", type=click.FloatRange(min=0), default=0.0, show_default=True,
+@click.option("--temperature", type=FiniteFloat(min=0), default=0.0, show_default=True,
               help="0 = greedy decoding.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--stats", is_flag=True, help="Print the MC cache's segments and bytes at the end.")
@@ -31,8 +32,10 @@ def command(model_path, prompt_file, prompt, max_new_tokens, temperature, seed, 
     if prompt_file is not None:
         if not Path(prompt_file).is_file():
             raise MCError(f"{prompt_file} does not exist")
-        prompt = Path(prompt_file).read_text(errors="replace")
-    if not prompt:
+        raw = Path(prompt_file).read_bytes()
+    else:
+        raw = prompt.encode("utf-8", "surrogateescape")  # the argument's bytes, as the shell passed them
+    if not raw:
         raise MCError("the prompt is empty")
     p = m.resolve_path(model_path)
     converted = p.is_file() or (p / "mc_config.json").is_file()
@@ -41,10 +44,15 @@ def command(model_path, prompt_file, prompt, max_new_tokens, temperature, seed, 
     if tokenizer is not None:
         from transformers import TextStreamer
 
-        ids = tokenizer(prompt, return_tensors="pt").input_ids
+        try:  # a tokenizer takes text: bytes that are not UTF-8 are refused, never replaced by U+FFFD
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise MCError(f"the prompt is not UTF-8 text (byte {e.start}); this model's tokenizer takes text: "
+                          "save the prompt as UTF-8") from None
+        ids = tokenizer(text, return_tensors="pt").input_ids
         streamer = TextStreamer(tokenizer, skip_prompt=True)
     else:
-        ids = torch.tensor([list(prompt.encode("utf-8"))])
+        ids = torch.tensor([list(raw)])  # a byte-level model: token = byte, the file exactly
         if int(ids.max()) >= model.config.vocab_size:
             raise MCError("the model's vocabulary is smaller than 256 bytes and it ships no tokenizer")
         streamer = ByteStreamer()

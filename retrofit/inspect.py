@@ -5,11 +5,10 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from safetensors import safe_open
-
 from .config import CONFIG_NAME, MCConfig
 from .errors import MCError
-from .model import EXPORT_FORMAT, config_from_dict, read_hf_config, resolve_path
+from .model import (_header_shapes, check_layer_count, config_from_dict, export_metadata, read_hf_config,
+                    resolve_path, weight_files)
 
 TOKENS = 1024  # "per 1K tokens"
 
@@ -36,14 +35,12 @@ class Description:
 
 def _configs(path: Path):
     if path.is_file():
+        meta = export_metadata(path)  # the same checks (and messages) as loading it
         try:
-            with safe_open(str(path), framework="pt") as f:
-                meta = f.metadata() or {}
-        except Exception as e:  # noqa: BLE001
-            raise MCError(f"{path} is not a readable safetensors file ({e}); it may be corrupted") from None
-        if meta.get("mc_retrofit") != EXPORT_FORMAT:
-            raise MCError(f"{path} was not exported by mc-retrofit (no mc_retrofit metadata)")
-        return config_from_dict(json.loads(meta["hf_config"]), str(path)), MCConfig.from_json(meta["mc_config"]), True
+            hf = json.loads(meta["hf_config"])
+        except json.JSONDecodeError:
+            raise MCError(f"{path} has no readable model config in its metadata") from None
+        return config_from_dict(hf, str(path)), MCConfig.from_json(meta["mc_config"]), True
     hf = read_hf_config(path)
     if (path / CONFIG_NAME).is_file():
         return hf, MCConfig.load(path), True
@@ -59,10 +56,22 @@ def describe(path, mc_config: MCConfig | None = None) -> Description:
 
     p = resolve_path(path)
     hf, saved, converted = _configs(p)
+    # Costs come from the config; the weights' headers (names only, nothing loaded) say
+    # whether it is the config of these weights: an edited layer count is refused here as
+    # it is on load, rather than costed.
+    check_layer_count(hf, _header_shapes([p] if p.is_file() else weight_files(p)), str(path))
+    if saved is not None and mc_config is not None:
+        # A converted model's costs follow its own mc_config.json; describing it under other
+        # options would be a report about a model that does not exist.
+        raise MCError(f"{path} is converted: its mc_config.json sets the MC options; drop them, or inspect "
+                      "the original checkpoint with those options")
     cfg = saved if saved is not None else (mc_config or MCConfig())
     adapter = adapter_for(hf)
     info = adapter.state_info(hf)
     recurrent = adapter.recurrent_layers(hf)
+    bad = [i for i in (cfg.layers or []) if i not in recurrent]
+    if bad:  # what convert refuses, inspect refuses (rather than costing zero layers)
+        raise MCError(f"layers {bad} do not exist or are not recurrent: recurrent layers are {recurrent}")
     n_layers = len(recurrent)
     layers = [i for i in recurrent if cfg.applies_to(i)]
     segment_bytes = (info.state_bytes + info.summary_bytes) * len(layers)

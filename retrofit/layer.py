@@ -122,7 +122,11 @@ def attach(mixer: nn.Module, gate: MCGate, cache_of, padding: bool = False) -> l
     ignores pads), so MC keeps a segment clock per row; otherwise padded calls are refused."""
     mixer.mc_gate = gate
 
+    # The hooks find the gate through the module they run on, never through this closure:
+    # copy.deepcopy copies a module's hooks by reference (functions are atomic to it), so a
+    # closed-over gate would make a copy run on the original's parameters.
     def pre(module, args, kwargs):
+        gate = module.mc_gate
         mask = kwargs.get("attention_mask")
         hidden = args[0] if args else next(iter(kwargs.values()), None)
         if mask is not None and not padding and not bool(mask.all()):

@@ -49,6 +49,7 @@ class LayerMemory:
         self.seg_fill: list[int] = []  # real tokens in each row's open segment
         self.real: list[int] = []  # real (non-pad) tokens each row has seen
         self.pos = 0  # call positions seen by this layer (pads included)
+        self.gap = 0  # call positions run with Memory Caching off (see pass_over): not covered
         self.max_segments = max_segments
         self.policy = policy
 
@@ -111,6 +112,17 @@ class LayerMemory:
         self.seg_fill = [f + int(d) for f, d in zip(self.seg_fill, fills)]
         self.real = [r + int(d) for r, d in zip(self.real, fills)]
         self.pos += keys.shape[1]
+
+    def pass_over(self, length: int, valid: torch.Tensor | None = None) -> None:
+        """Account ``length`` call positions that ran with Memory Caching off (every cache
+        weight 0: nothing read, and no segment of them cached, so that the output is the
+        base model's exactly). The token counts move on (a family's "has this cache seen
+        tokens" check and the padding checks read them); ``gap`` records that this memory
+        no longer covers the sequence, so a later call that would read it is refused."""
+        fills = [length] * len(self.serials) if valid is None else valid.sum(1).tolist()
+        self.real = [r + int(d) for r, d in zip(self.real, fills)]
+        self.pos += length
+        self.gap += length
 
     def running_pool(self, keys: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
         """Causal running mean of the open segment's keys for each of ``keys [B,t,H,U]``

@@ -54,6 +54,16 @@ def _greedy_by_recomputation(model, ids: torch.Tensor, n: int) -> tuple[torch.Te
     return ids, torch.stack(logits, 1)
 
 
+def _assert_generate_is_recomputation(model, x: torch.Tensor, n: int) -> None:
+    """``generate`` with the cache equals greedy decoding by full recomputation."""
+    with torch.no_grad():
+        out = model.generate(x, max_new_tokens=n, do_sample=False, use_cache=True, output_logits=True,
+                             return_dict_in_generate=True, pad_token_id=0)
+        ids, logits = _greedy_by_recomputation(model, x, n)
+    assert torch.equal(out.sequences, ids)
+    assert (torch.stack(out.logits, 1) - logits).abs().max() <= 1e-4
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_split_prefill_then_decoding_equals_one_forward(family):
     model = mc_retrofit.convert(_tiny(family), MCConfig(segment_size=3, aggregation="gated"))
@@ -75,12 +85,7 @@ def test_split_prefill_then_decoding_equals_one_forward(family):
 def test_generate_with_the_cache_equals_greedy_recomputation(family):
     model = mc_retrofit.convert(_tiny(family), MCConfig(segment_size=3, aggregation="ssc", top_k=1))
     x = torch.randint(0, model.config.vocab_size, (1, 7), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        out = model.generate(x, max_new_tokens=6, do_sample=False, use_cache=True, output_logits=True,
-                             return_dict_in_generate=True, pad_token_id=0)
-        ids, logits = _greedy_by_recomputation(model, x, 6)
-    assert torch.equal(out.sequences, ids)
-    assert (torch.stack(out.logits, 1) - logits).abs().max() <= 1e-4
+    _assert_generate_is_recomputation(model, x, 6)
 
 
 @pytest.mark.parametrize("family", FLA)
@@ -90,11 +95,7 @@ def test_base_fla_generate_uses_its_cache(family):
     mc_retrofit.adapters.adapter_by_family(family).model_class()  # imports fla the way load_base does
     model = _tiny(family)
     x = torch.randint(0, model.config.vocab_size, (1, 7), generator=torch.Generator().manual_seed(2))
-    with torch.no_grad():
-        out = model.generate(x, max_new_tokens=5, do_sample=False, use_cache=True, output_logits=True,
-                             return_dict_in_generate=True)
-        ids, logits = _greedy_by_recomputation(model, x, 5)
-    assert (torch.stack(out.logits, 1) - logits).abs().max() <= 1e-4
+    _assert_generate_is_recomputation(model, x, 5)
 
 
 @pytest.mark.parametrize("folder", ["mamba2-byte-ctx512", "rwkv4-tiny-660K-hf", "rwkv7-tiny-834K-fla"])
@@ -105,13 +106,7 @@ def test_real_checkpoints_generate_with_the_cache(folder):
     if folder.startswith("rwkv7") and not HAS_FLA:
         pytest.skip("flash-linear-attention is not installed")
     model = mc_retrofit.convert(_forced(mc_retrofit.load_base(path)), MCConfig(segment_size=8, aggregation="gated"))
-    x = torch.tensor([list(b"The pass key is 1234")])
-    with torch.no_grad():
-        out = model.generate(x, max_new_tokens=6, do_sample=False, use_cache=True, output_logits=True,
-                             return_dict_in_generate=True, pad_token_id=0)
-        ids, logits = _greedy_by_recomputation(model, x, 6)
-    assert torch.equal(out.sequences, ids)
-    assert (torch.stack(out.logits, 1) - logits).abs().max() <= 1e-4
+    _assert_generate_is_recomputation(model, torch.tensor([list(b"The pass key is 1234")]), 6)
 
 
 # -- the one place that knows both APIs -------------------------------------------------------

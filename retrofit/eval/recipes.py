@@ -52,21 +52,46 @@ def load_recipe(name_or_path: str) -> dict:
         if not p.is_file():
             names = ", ".join(available()) or "none found"
             raise MCError(f"no evaluation recipe {name_or_path!r} (available: {names}; or give a .json path)")
-    try:
-        recipe = json.loads(p.read_text())
+    try:  # bytes first: a binary file is "not a recipe", not a UnicodeDecodeError
+        recipe = json.loads(p.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError:
+        raise MCError(f"{p} is not a text file (not UTF-8): a recipe is a JSON object") from None
     except json.JSONDecodeError as e:
         raise MCError(f"{p} is not valid JSON ({e.msg} at line {e.lineno})") from None
+    if not isinstance(recipe, dict):
+        raise MCError(f"{p}: a recipe is a JSON object, not a {type(recipe).__name__}")
     recipe.setdefault("name", p.stem)
     validate(recipe, str(p))
     return recipe
 
 
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+# Per-section integer knobs -> smallest value that makes a sample (the generators' own
+# limits, checked here so a bad recipe fails before any model loads).
+SECTION_INTS = {"windows": 1, "samples": 1, "digits": 1, "n_keys": 1, "hops": 1, "n_chains": 1}
+VARIANT_KEYS = {"name", "mc", "description"}
+
+
 def validate(recipe: dict, where: str = "recipe") -> None:
+    """Every key and value of a recipe, variants' MC configs included: everything that can
+    be checked without the model, so a bad recipe fails in a second, not after loading."""
     if not isinstance(recipe, dict):
         raise MCError(f"{where}: a recipe is a JSON object")
     unknown = sorted(set(recipe) - TOP_KEYS)
     if unknown:
         raise MCError(f"{where}: unknown key(s) {', '.join(unknown)} (known: {', '.join(sorted(TOP_KEYS))})")
+    name = recipe.get("name", "recipe")
+    if not (isinstance(name, str) and name.strip()):
+        raise MCError(f"{where}: name must be a non-empty string, not {name!r}")
+    if not isinstance(recipe.get("description", ""), str):
+        raise MCError(f"{where}: description must be a string")
+    if "batch_size" in recipe and not (_is_int(recipe["batch_size"]) and recipe["batch_size"] >= 1):
+        raise MCError(f"{where}: batch_size must be a positive integer, not {recipe['batch_size']!r}")
+    if "seed" in recipe and not (_is_int(recipe["seed"]) and recipe["seed"] >= 0):
+        raise MCError(f"{where}: seed must be a non-negative integer, not {recipe['seed']!r}")
     for sec in SECTIONS:
         if sec not in recipe:
             continue
@@ -76,25 +101,66 @@ def validate(recipe: dict, where: str = "recipe") -> None:
         bad = sorted(set(body) - SECTION_KEYS[sec])
         if bad:
             raise MCError(f"{where}: unknown key(s) in {sec}: {', '.join(bad)}")
-        if not body.get("lengths"):
+        if not (isinstance(body.get("lengths"), list) and body["lengths"]):
             raise MCError(f"{where}: {sec} needs a non-empty list of lengths")
         for length in body["lengths"]:
             parse_length(length, None, check_only=True, where=f"{where}: {sec}")
-        for key in ("windows", "samples"):
-            if key in body and (not isinstance(body[key], int) or body[key] < 1):
-                raise MCError(f"{where}: {sec}.{key} must be a positive integer")
+        if "position_bucket" in body:
+            parse_length(body["position_bucket"], None, check_only=True, where=f"{where}: {sec}.position_bucket")
+        for key, low in SECTION_INTS.items():
+            if key in body and not (_is_int(body[key]) and body[key] >= low):
+                raise MCError(f"{where}: {sec}.{key} must be a positive integer, not {body[key]!r}")
+        if "n_keys" in body:
+            from mc_retrofit.tasks import KEY_NAMES
+
+            if body["n_keys"] > len(KEY_NAMES):
+                raise MCError(f"{where}: {sec}.n_keys must be at most {len(KEY_NAMES)} (the distinct key names)")
         pairs = body.get("pairs", [8])
-        if sec == "mqar" and not (isinstance(pairs, list) and pairs and all(isinstance(p, int) and p >= 1 for p in pairs)):
+        if sec == "mqar" and not (isinstance(pairs, list) and pairs and all(_is_int(p) and p >= 1 for p in pairs)):
             raise MCError(f"{where}: mqar.pairs must be a non-empty list of positive integers")
-        for d in body.get("depths", []):
-            if not (isinstance(d, (int, float)) and 0 <= d <= 1):
+        if "noise" in body and not isinstance(body["noise"], bool):
+            raise MCError(f"{where}: mqar.noise must be true or false, not {body['noise']!r}")
+        depths = body.get("depths", [])
+        if not isinstance(depths, list):
+            raise MCError(f"{where}: {sec}.depths must be a list of numbers in [0, 1]")
+        for d in depths:
+            if not (isinstance(d, (int, float)) and not isinstance(d, bool) and 0 <= d <= 1):
                 raise MCError(f"{where}: {sec}.depths must lie in [0, 1], not {d!r}")
     variants = recipe.get("variants", [])
     if not isinstance(variants, list) or not all(isinstance(v, dict) and "name" in v for v in variants):
         raise MCError(f"{where}: variants must be a list of objects with a name")
+    for v in variants:
+        _validate_variant(v, where)
     names = [v["name"] for v in variants]
     if len(set(names)) != len(names) or "base" in names:
         raise MCError(f"{where}: variant names must be unique and not 'base'")
+
+
+def _validate_variant(v: dict, where: str) -> None:
+    """A recipe variant's keys and its whole MC config (a misspelt key would otherwise run
+    the default configuration under the variant's name)."""
+    from mc_retrofit.config import MCConfig
+
+    if not (isinstance(v["name"], str) and v["name"].strip()):
+        raise MCError(f"{where}: a variant's name must be a non-empty string, not {v['name']!r}")
+    label = f"{where}: variant {v['name']!r}"
+    unknown = sorted(set(v) - VARIANT_KEYS)
+    if unknown:
+        raise MCError(f"{label}: unknown key(s) {', '.join(unknown)} (known: {', '.join(sorted(VARIANT_KEYS))})")
+    mc = v.get("mc", {})
+    if not isinstance(mc, dict):
+        raise MCError(f"{label}: mc must be an object of MCConfig fields like {{\"segment_size\": 128}}, not {mc!r}")
+    fields = dict(mc)
+    if isinstance(fields.get("segment_size"), str):  # "0.5x": resolved against the context later
+        parse_length(fields["segment_size"], None, check_only=True, where=f"{label}: segment_size")
+        fields["segment_size"] = 256
+    try:
+        config = MCConfig.from_dict(fields)
+    except MCError as e:
+        raise MCError(f"{label}: {e}") from None
+    ignored = config.ignored(mc)
+    if ignored:
+        raise MCError(f"{label}: {ignored[0][0]} {ignored[0][1]}; drop it")
 
 
 def parse_length(value, train_context: int | None, check_only: bool = False, where: str = "recipe") -> int | None:

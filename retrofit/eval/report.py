@@ -152,9 +152,29 @@ def _variant_line(v: dict) -> str:
 
 
 def write_json(results: dict, path: Path) -> Path:
+    """``results`` as strict JSON: Python's ``json`` writes bare ``NaN``/``Infinity``, which
+    strict parsers (browsers, jq, most other languages) refuse. A non-finite number is
+    written as ``null`` and its place listed under ``non_finite`` (dotted keys, list
+    positions as numbers), so that a reader can tell it from a missing value."""
+    flagged: list[str] = []
+    clean = strict_json_value(results, "", flagged)
+    clean["non_finite"] = flagged
     with atomic_file(path, force=True) as tmp:
-        Path(tmp).write_text(json.dumps(results, indent=1, sort_keys=False) + "\n")
+        Path(tmp).write_text(json.dumps(clean, indent=1, sort_keys=False, allow_nan=False) + "\n")
     return path
+
+
+def strict_json_value(value, where: str, flagged: list[str]):
+    """A copy of ``value`` with every non-finite float replaced by None (its dotted path
+    appended to ``flagged``); the input is left as it is (the Markdown table shows nan)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        flagged.append(where)
+        return None
+    if isinstance(value, dict):
+        return {k: strict_json_value(v, f"{where}.{k}" if where else str(k), flagged) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json_value(v, f"{where}.{i}" if where else str(i), flagged) for i, v in enumerate(value)]
+    return value
 
 
 def line_style(name: str) -> dict:

@@ -2,6 +2,7 @@
 (or sharded over several), returning one results dictionary (see :mod:`.report`)."""
 from __future__ import annotations
 
+import dataclasses
 import gc
 import platform
 import time
@@ -26,7 +27,7 @@ class EvalOptions:
     recipe: dict
     variants: list[Variant] = field(default_factory=list)
     use_recipe_variants: bool | None = None
-    seed: int = 0
+    seed: int | None = None  # None: the recipe's "seed", else 0
     data: str | None = None
     text_field: str = "text"
     split: str | None = None
@@ -70,6 +71,8 @@ def environment(device: str, world: dist.World) -> dict:
 
 def evaluate(opts: EvalOptions) -> dict:
     t_start = time.time()
+    if opts.seed is None:  # a recipe's seed is honoured; an explicit one wins
+        opts = dataclasses.replace(opts, seed=opts.recipe.get("seed", 0))
     world, device = dist.setup(opts.device)
     try:
         return _evaluate(opts, world, device, t_start)
@@ -146,6 +149,9 @@ def _evaluate(opts: EvalOptions, world: dist.World, device: str, t_start: float)
         "data": opts.data or ("gutenberg eval-only books (" + ", ".join(n for n, _ in texts) + ")" if texts
                               else "synthetic (mc_retrofit.tasks.mqar)"),
         "seed": opts.seed,
+        # what the base weights were evaluated in (--dtype, else the checkpoint's own); MC
+        # gates and cached states are fp32 whatever this says
+        "dtype": str(next(source.base().parameters()).dtype).removeprefix("torch."),
         "batch_size": batch_size,
         "recipe": recipe,
         "sections": sections,

@@ -15,7 +15,7 @@ import torch
 
 from mc_retrofit.config import CONFIG_NAME, MCConfig
 from mc_retrofit.errors import MCError
-from mc_retrofit.model import convert, gate_modules, load, load_base, resolve_path
+from mc_retrofit.model import convert, export_metadata, gate_modules, load, load_base, resolve_path
 
 BASE = "base"
 OWN = "model"
@@ -45,7 +45,11 @@ def parse_variant(text: str) -> Variant:
         except json.JSONDecodeError:
             fields[k.replace("-", "_")] = v
     name = str(fields.pop("name", "")) or ",".join(f"{k}={v}" for k, v in fields.items()) or "mc"
-    return Variant(name, MCConfig.from_dict(fields), source="--variant")
+    config = MCConfig.from_dict(fields)
+    ignored = config.ignored(fields)
+    if ignored:  # e.g. top_k=4 without aggregation=ssc: the variant would not be what its name says
+        raise MCError(f"--variant {text}: {ignored[0][0]} {ignored[0][1]}; drop it")
+    return Variant(name, config, source="--variant")
 
 
 def variant_from_file(path: str) -> Variant:
@@ -74,8 +78,8 @@ class ModelSource:
     def own_config(self) -> MCConfig | None:
         if not self.converted:
             return None
-        if self.exported:
-            return load(self.path).mc_config
+        if self.exported:  # from the metadata alone: no need to build the model for its config
+            return MCConfig.from_json(export_metadata(self.path)["mc_config"])
         return MCConfig.load(self.path)
 
     def base(self):
@@ -84,7 +88,7 @@ class ModelSource:
             if self.exported:
                 # An exported file holds a converted model: with every cache weight at 0 it
                 # computes exactly what the base model computes.
-                model = load(self.path)
+                model = load(self.path, dtype=self.dtype)  # --dtype applies to exported files too
                 with torch.no_grad():
                     for gate in gate_modules(model).values():
                         gate.cache_weight.zero_()
