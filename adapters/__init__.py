@@ -6,9 +6,9 @@ from __future__ import annotations
 
 from mc_retrofit.errors import MCError
 
-from .mamba import MambaAdapter
-from .mamba2 import Mamba2Adapter
-from .rwkv4 import Rwkv4Adapter
+from .transformers.mamba import MambaAdapter
+from .transformers.mamba2 import Mamba2Adapter
+from .transformers.rwkv4 import Rwkv4Adapter
 
 ADAPTERS = [Mamba2Adapter(), MambaAdapter(), Rwkv4Adapter()]
 
@@ -50,13 +50,13 @@ def _register_fla_families() -> None:
 
     if importlib.util.find_spec("fla") is None:
         return
-    from .fla_delta_net import DeltaNetAdapter
-    from .fla_gated_deltanet import GatedDeltaNetAdapter
-    from .fla_gla import GLAAdapter
-    from .fla_retnet import RetNetAdapter
-    from .fla_rwkv6 import Rwkv6Adapter
-    from .fla_rwkv7 import Rwkv7Adapter
-    from .qwen3_next import Qwen3NextAdapter
+    from .fla.delta_net import DeltaNetAdapter
+    from .fla.gated_deltanet import GatedDeltaNetAdapter
+    from .fla.gla import GLAAdapter
+    from .fla.retnet import RetNetAdapter
+    from .fla.rwkv6 import Rwkv6Adapter
+    from .fla.rwkv7 import Rwkv7Adapter
+    from .transformers.qwen3_next import Qwen3NextAdapter
 
     for adapter in (DeltaNetAdapter(), GatedDeltaNetAdapter(), RetNetAdapter(), GLAAdapter(), Rwkv6Adapter(),
                     Rwkv7Adapter(), Qwen3NextAdapter()):

@@ -1,6 +1,6 @@
 """Triton kernels for Memory Caching, each beside its PyTorch reference.
 
-``readout`` is the dispatch point ``mc_retrofit.runner`` calls. It has exactly the
+``readout`` is the dispatch point ``mc_retrofit.segments`` calls. It has exactly the
 signature of ``mc_retrofit.core.readout_reference`` and runs
 
 - the Triton kernels (``readout_op.readout_triton``: block-of-tokens forward and

@@ -8,8 +8,7 @@ boundary state. These functions give all of them from one call instead:
   ``b_t = exp(gv_t)`` (RetNet/GLA/RWKV-6-style decays, natural log). Within-segment
   sums are one batched einsum over all segments; only the N-step scan across segments
   is sequential.
-- ``mamba2_boundary_states`` (torch, any device): Mamba2's SSM
-  ``S_t = exp(dt_t A) S_{t-1} + (dt_t x_t) B_t^T`` as a special case (V-first ``[H,P,N]``).
+  (Mamba2's SSM is a special case: ``mc_retrofit.adapters.transformers.mamba2``.)
 - ``fla_boundary_states`` (CUDA only): fla's own ``chunk_fwd_h`` with
   ``split_size = segment_size`` returns the state at the start of every split, i.e. every
   segment boundary, in one kernel (segment size must be a multiple of the chunk size).
@@ -72,25 +71,6 @@ def linear_boundary_states(k, v, *, g=None, gk=None, gv=None, initial_state=None
     n_full = T // C
     bounds = torch.stack(out[:n_full], 1) if n_full else S.new_zeros(B, 0, H, K, V)
     return bounds, S
-
-
-def mamba2_boundary_states(hidden_states, dt, A, B, segment_size: int, *, dt_bias=None, dt_softplus=False,
-                           dt_limit=(0.0, float("inf")), initial_states=None):
-    """Mamba2 boundary states, arguments as transformers' ``mamba2_chunk_scan``:
-    hidden_states ``[B,T,H,P]``, dt ``[B,T,H]``, A ``[H]``, B ``[B,T,G,N]``, initial_states
-    ``[B,H,P,N]``. Returns ``(boundaries [B, T//C, H, P, N], final [B,H,P,N])`` (fp32)."""
-    H = hidden_states.shape[2]
-    if dt_bias is not None:
-        dt = dt + dt_bias.to(dt.dtype)
-    if dt_softplus:
-        dt = torch.nn.functional.softplus(dt)
-    dt = torch.clamp(dt.float(), min=dt_limit[0], max=dt_limit[1])
-    Bk = B.float().repeat_interleave(H // B.shape[2], dim=2)
-    x = hidden_states.float() * dt[..., None]
-    h0 = None if initial_states is None else initial_states.float().transpose(-1, -2)  # [B,H,N,P]
-    bounds, final = linear_boundary_states(Bk, x, g=dt * A.float()[None, None, :], initial_state=h0,
-                                           segment_size=segment_size)
-    return bounds.transpose(-1, -2), final.transpose(-1, -2)
 
 
 def _pick(h, final, T, segment_size):

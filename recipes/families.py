@@ -2,7 +2,7 @@
 
 transformers families (mamba2, mamba) load by explicit class, because ``import fla``
 re-registers the ``mamba``/``mamba2`` model types. fla families (delta_net, gated_deltanet,
-retnet, gla, rwkv7) need a GPU, or ``mc_retrofit.fla_cpu`` to route fla's Triton ops to
+retnet, gla, rwkv7) need a GPU, or ``mc_retrofit.adapters.fla.cpu`` to route fla's Triton ops to
 torch on CPU; :func:`speed_context` makes CPU training of Mamba and the fla families fast.
 """
 from __future__ import annotations
@@ -65,9 +65,9 @@ def enable_fla_cpu() -> None:
     if torch.cuda.is_available():
         return
     try:
-        from mc_retrofit import fla_cpu
+        from mc_retrofit.adapters.fla import cpu as fla_cpu
     except ImportError:
-        raise MCError("fla families need a CUDA GPU or mc_retrofit.fla_cpu (not installed)") from None
+        raise MCError("fla families need a CUDA GPU or mc_retrofit.adapters.fla.cpu (not installed)") from None
     fla_cpu.enable()
 
 

@@ -1,6 +1,6 @@
 """A training-speed fix for fla families on CPU: chunkwise recurrences, same math as the references.
 
-``mc_retrofit.fla_cpu`` routes fla's chunk ops on CPU to fla's ``naive`` *recurrent* references:
+``mc_retrofit.adapters.fla.cpu`` routes fla's chunk ops on CPU to fla's ``naive`` *recurrent* references:
 a Python loop over every token, which autograd turns into thousands of tiny nodes (4-8 s per
 training step of a 4-layer model at batch 8 x 512 bytes). The same recurrences can be computed
 chunk by chunk (the form fla's Triton kernels use): inside a chunk of ``C`` tokens everything

@@ -10,7 +10,7 @@ from .compat import cache_argument, forward_with_cache, returned_cache
 from .config import MCConfig
 from .errors import MCError
 from .generation import cache_stats
-from .inspect import describe
+from .describe import describe
 from .model import convert, export, load, load_base
 
 __all__ = ["MCConfig", "MCError", "convert", "load", "load_base", "export", "describe", "cache_stats",

@@ -48,7 +48,7 @@ _LEGACY = {
                    "model.safetensors", "model-*-of-*.safetensors", "model.safetensors.index.json", "training.json",
                    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
                    "tokenizer.model", "LICENSE", "README.md")),
-    "eval": (("results.json",), ("results.json", "results.md", "*.png")),
+    "eval": (("results.json",), ("results.json", "results.md", "*.png", "records.json.gz")),  # split records: recipes/studies
     "checkpoint": (("state.pt",), ("state.pt", "carry.pt")),
     "output": (("config.json", "training.json"),
                ("config.json", "generation_config.json", "model.safetensors", "model-*-of-*.safetensors",

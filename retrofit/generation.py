@@ -14,12 +14,13 @@ from .memory import LayerMemory
 
 
 def _holder(cache):
+    """The object the MC memory hangs on: the cache itself, or for a family whose cache is a
+    list of tensors (the adapter's ``cache_reader`` says which), the element that carries it."""
     from .compat import returned_cache
 
     cache = returned_cache(cache)  # a forward's or generate's output: its cache
-    # RWKV-4's cache is a list of five tensors; its memory hangs on the third.
     if isinstance(cache, (list, tuple)):
-        return cache[2] if len(cache) > 2 else None
+        return next((t for t in cache if hasattr(t, "_mc_memory")), None)
     return cache
 
 

@@ -76,7 +76,7 @@ def convert(model, config: MCConfig | None = None):
         gate = MCGate(config, idx, heads, key_dim, model.config.hidden_size).to(ref.device)
         hooks += attach(mixer, gate, adapter.cache_reader(mixer), padding=adapter.supports_padding)
     # NaN/inf out of the backbone becomes one line (W18: a huge cache weight overflows)
-    from .runner import check_finite_output
+    from .segments import check_finite_output
 
     hooks.append(model.base_model.register_forward_hook(check_finite_output))
     model.mc_config = config
@@ -88,6 +88,11 @@ def convert(model, config: MCConfig | None = None):
 
 def gate_modules(model) -> dict[str, MCGate]:
     return {name: m for name, m in model.named_modules() if isinstance(m, MCGate)}
+
+
+def gate_parameters(model) -> list[tuple[str, torch.nn.Parameter]]:
+    """The MC gate parameters (the only ones gate tuning trains), with their names."""
+    return [(n, p) for n, p in model.named_parameters() if ".mc_gate." in f".{n}"]
 
 
 def gate_state_dict(model) -> dict[str, torch.Tensor]:

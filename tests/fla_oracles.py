@@ -30,7 +30,7 @@ _TINY = {
 def tiny_fla_config(family: str, **overrides):
     import fla.models as fm
 
-    from mc_retrofit.fla_common import import_fla
+    from mc_retrofit.adapters.fla import import_fla
 
     import_fla()
     cfg_name, _, extra = _TINY[family]
@@ -162,3 +162,19 @@ def token_reference(model, family: str, ids: torch.Tensor, segment_size: int, ag
         for h in hooks:
             h.remove()
     return torch.cat(outs, 1)
+
+
+def tiny_qwen3_next(seed=0):
+    """A tiny Qwen3-Next hybrid: one Gated DeltaNet layer, one full-attention layer."""
+    from transformers import Qwen3NextConfig
+
+    from mc_retrofit.adapters import adapter_by_family
+
+    cls = adapter_by_family("qwen3_next").model_class()
+    cfg = Qwen3NextConfig(
+        vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+        head_dim=16, linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=8,
+        linear_value_head_dim=8, intermediate_size=64, moe_intermediate_size=32, shared_expert_intermediate_size=32,
+        num_experts=2, num_experts_per_tok=1, layer_types=["linear_attention", "full_attention"])
+    torch.manual_seed(seed)
+    return cls(cfg).eval()

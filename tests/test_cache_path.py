@@ -28,7 +28,7 @@ def _tiny(family: str):
     if family in ("mamba2", "mamba", "rwkv4"):
         model = tiny_model(family)
     elif family == "qwen3_next":
-        from test_fla_qwen3_next import _tiny as tiny_qwen3_next
+        from fla_oracles import tiny_qwen3_next
 
         model = tiny_qwen3_next()
     else:

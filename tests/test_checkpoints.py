@@ -28,7 +28,7 @@ MAX_BYTES = 5 * 2**20
 def _load(path):
     try:
         return families.load(path)
-    except MCError as e:  # fla families without a GPU or mc_retrofit.fla_cpu
+    except MCError as e:  # fla families without a GPU or mc_retrofit.adapters.fla.cpu
         pytest.skip(str(e))
 
 

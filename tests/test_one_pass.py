@@ -23,7 +23,7 @@ def _both(monkeypatch, fn):
 @pytest.fixture
 def captures(monkeypatch):
     """Counts one-pass captures (so a test knows the path it meant to test really ran)."""
-    import mc_retrofit.adapters.mamba2 as mod
+    import mc_retrofit.adapters.transformers.mamba2 as mod
 
     calls = []
     original = mod.mamba2_boundary_states

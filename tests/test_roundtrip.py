@@ -10,7 +10,7 @@ from conftest import TRANSFORMERS_FAMILIES, tiny_model
 
 import mc_retrofit
 from mc_retrofit import MCConfig
-from mc_retrofit.inspect import describe
+from mc_retrofit.describe import describe
 from mc_retrofit.model import gate_state_dict
 
 

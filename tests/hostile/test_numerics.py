@@ -288,7 +288,7 @@ def test_W8_committed_hashes_match_the_books():
 
 
 def test_W8_eval_only_books_are_refused_by_content(tmp_path):
-    from mc_retrofit.finetune_data import read_texts
+    from mc_retrofit.finetune.data import read_texts
 
     data = _books()
     emma = (data / "austen-emma.txt").read_bytes()

@@ -1,0 +1,206 @@
+"""What every flash-linear-attention (fla) adapter shares.
+
+An fla family is described by :class:`OpSpec` (one per wrapped core op: which
+arguments run along time, and how the op's inputs give the read query, the key
+summary, the scale and the state layout) and a :class:`FlaAdapter` subclass (model
+class, layer class, the ops to wrap). The wrapped op runs the original op segment by
+segment through :func:`mc_retrofit.segments.run_segments`, chaining ``initial_state``,
+caching each boundary state (an fp32 **clone**: fla's recurrent kernels may update a
+state in place), and adding ``scale * q_t^T S_i`` reads of the cached states to the
+op's output, i.e. before the layer's own output norm, gate and projection.
+
+The memory hangs on fla's ``Cache`` (``past_key_values``), so chunked prefill and
+decoding with a cache continue the same segments.
+"""
+from __future__ import annotations
+
+import importlib
+import inspect
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from ... import compat
+from ..base import Adapter, StateInfo, expand_heads, wrap_op
+from ...errors import MCError
+from ...layer import current
+from ...segments import linear_read, run_segments
+
+
+def import_fla():
+    """``import fla`` (registers its model classes), version-checked, with its leaf ops
+    routed to PyTorch for CPU tensors (so a loaded model runs on CPU before conversion)."""
+    from . import cpu as fla_cpu
+
+    fla_cpu.check_version()
+    import fla  # noqa: F401
+
+    fla_cpu.enable()
+    compat.fix_fla_generation()
+    return fla
+
+
+def l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """The normalisation fla's kernels apply with ``use_qk_l2norm_in_kernel`` (fp32)."""
+    xf = x.float()
+    return xf * torch.rsqrt(xf.square().sum(-1, keepdim=True) + eps)
+
+
+@dataclass
+class OpSpec:
+    """How Memory Caching reads one fla core op.
+
+    time_args: the op's arguments shaped ``[B, T, ...]`` (sliced per segment piece);
+    query(args) -> ``[B,T,H,K]``: the query the op reads its state with, after whatever
+        the kernel does to it (l2norm, head repeat), in the state's head count;
+    keys(args) -> ``[B,T,H,K]``: what a segment's summary pools (same heads as query);
+    scale(args) -> the op's read scale; layout: ``kv`` (``[B,H,K,V]``) or ``vk``;
+    prepare(args) -> None: refuse options the segment loop cannot honour.
+    """
+
+    time_args: tuple[str, ...]
+    query: Callable[[dict], torch.Tensor]
+    keys: Callable[[dict], torch.Tensor]
+    scale: Callable[[dict], float]
+    layout: Callable[[dict], str]
+    prepare: Callable[[dict], None] | None = None
+    fp32_state: bool = False  # the op asserts an fp32 initial state (GLA's chunk op)
+    positional: tuple[str, ...] = ()  # passed positionally (callers name them differently)
+
+
+def _bind(original, args, kwargs) -> dict:
+    target = getattr(original, "__mc_cpu_original__", original)
+    sig = inspect.signature(target)
+    bound = sig.bind_partial(*args, **kwargs)
+    out = {}
+    for name, value in bound.arguments.items():
+        if sig.parameters[name].kind is inspect.Parameter.VAR_KEYWORD:
+            out.update(value)
+        else:
+            out[name] = value
+    return out
+
+
+def mc_op(spec: OpSpec):
+    """A ``wrap_op`` factory: the original op unless a Memory Caching layer runs; inside
+    one, the segment loop of :func:`run_segments` with the family's linear read."""
+
+    def make(original):
+        def wrapper(*args, **kwargs):
+            run = current()
+            if run is None:
+                return original(*args, **kwargs)
+            call = _bind(original, args, kwargs)
+            if call.get("cu_seqlens") is not None:
+                raise MCError("Memory Caching does not support packed variable-length input (cu_seqlens) or "
+                              "padding masks in fla layers; run unpadded (left-aligned) batches")
+            if spec.prepare is not None:
+                spec.prepare(call)
+            want_final = bool(call.get("output_final_state", False))
+            init = call.pop("initial_state", None)
+            call["output_final_state"] = True
+
+            def run_piece(a, b, state):
+                piece = dict(call)
+                if spec.fp32_state and state is not None:
+                    state = state.float()
+                for name in spec.time_args:
+                    if piece.get(name) is not None:
+                        piece[name] = piece[name][:, a:b]
+                lead = [piece.pop(n) for n in spec.positional]
+                o, final = original(*lead, **piece, initial_state=state)
+                return o, final
+
+            q = spec.query(call)
+            y, final = run_segments(
+                run, q, spec.keys(call), run_piece, init, lambda s: s.detach().float().clone(),
+                linear_read(q, scale=spec.scale(call), layout=spec.layout(call)),
+            )
+            return y, (final if want_final else None)
+
+        return wrapper
+
+    return make
+
+
+def default_scale(args: dict, key: str = "q") -> float:
+    s = args.get("scale")
+    return args[key].shape[-1] ** -0.5 if s is None else float(s)
+
+
+class FlaAdapter(Adapter):
+    """An fla family: ``layer_module`` (where the core ops are module globals),
+    ``layer_class`` (the mixer), ``ops`` (op name -> OpSpec), ``model_class_name``."""
+
+    layer_module: str = ""
+    layer_class: str = ""
+    model_class_name: str = ""
+    ops: dict[str, OpSpec] = {}
+
+    def model_class(self):
+        import_fla()
+        return getattr(importlib.import_module("fla.models"), self.model_class_name)
+
+    def _layer_cls(self):
+        import_fla()
+        return getattr(importlib.import_module(self.layer_module), self.layer_class)
+
+    def mixers(self, model):
+        cls = self._layer_cls()
+        found = [m for m in model.modules() if isinstance(m, cls)]
+        for m in found:
+            self.check_mixer(m)
+        return list(enumerate(found))
+
+    def check_mixer(self, mixer) -> None:
+        """Refuse (one-line MCError) or switch a layer mode Memory Caching cannot read."""
+
+    @staticmethod
+    def switch_mode(mixer, bad: str, good: str, why: str) -> None:
+        """Run a layer in mode ``good`` instead of ``bad`` (same outputs), with a warning."""
+        if getattr(mixer, "mode", None) == bad:
+            import warnings
+
+            warnings.warn(f"{type(mixer).__name__} attn_mode {bad!r} {why}; Memory Caching runs it in {good!r} mode "
+                          "(same outputs)", stacklevel=3)
+            mixer.mode = good
+
+    cache_names = ("past_key_values",)  # fla 0.6 models and layers
+    mixer_cache_names = ("past_key_values",)
+
+    def install(self):
+        from . import cpu as fla_cpu
+
+        fla_cpu.enable()  # before wrapping: the MC wrapper's "original" is the CPU/GPU dispatcher
+        compat.fix_fla_generation()
+        for name, spec in self.ops.items():
+            wrap_op(self.layer_module, name, mc_op(spec))
+
+    # -- dimensions, from a model built on the meta device (no memory, no weights)
+    def gate_dims(self, mixer, config):
+        return self.state_dims(mixer)[0], self.state_dims(mixer)[1]
+
+    def state_dims(self, mixer) -> tuple[int, int, int]:
+        """(heads of the state, K, V)."""
+        return mixer.num_heads, mixer.head_k_dim, mixer.head_v_dim
+
+    def state_shape(self, mixer) -> tuple[int, ...]:
+        h, k, v = self.state_dims(mixer)
+        return (h, k, v)
+
+    def state_info(self, config):
+        cls = self.model_class()
+        with torch.device("meta"):
+            model = cls(config)
+        mixers = self.mixers(model)
+        if not mixers:
+            raise MCError(f"this {self.family} config has no {self.layer_class} layers to cache")
+        mixer = mixers[0][1]
+        h, k, _ = self.state_dims(mixer)
+        return StateInfo(shapes=[self.state_shape(mixer)], bytes_per_element=4, key_dim=k, heads=h)
+
+
+def expand(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """Repeat grouped heads (dim 2) up to ``heads`` (GVA / kv groups)."""
+    return expand_heads(x, heads, dim=2)

@@ -1,0 +1,114 @@
+"""Mamba (transformers ``MambaForCausalLM``).
+
+State: ``h [D, N]`` per layer (intermediate channels x state size). The layer's own read
+is ``y_t[d] = sum_n h_t[d, n] C_t[n]`` (then the D skip and ``* silu(z)``). Seen as one
+head with K = N and V = D, ``h`` is a V-first linear memory read by ``C_t``:
+
+- query: ``C_t`` (one head, width N);
+- key summary: mean of ``B_t`` over the segment;
+- read of a cached state: ``h_i C_t``, added before the D skip and the ``silu(z)`` gate.
+
+transformers' selective scan cannot start from a state, and the mixer silently ignores
+a cached SSM state for multi-token input. The wrapper adds the carry-in term instead:
+from state ``h0`` the scan continues as ``h_t = exp(A * sum_{j<=t} dt_j) h0 + scan_0(t)``,
+so segment-wise runs (and split prefill with a cache) equal one run over the whole input.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from mc_retrofit.adapters.base import Adapter, StateInfo, passthrough, wrap_op
+from mc_retrofit.segments import linear_read, run_segments
+
+MODULE = "transformers.models.mamba.modeling_mamba"
+
+
+def _carry_in(y0, h0_final, state, dt, A, C):
+    """Add the effect of a start state to a scan that started from zero.
+
+    dt ``[B,D,t]`` (after bias and softplus), A ``[D,N]``, C ``[B,N,t]``, state ``[B,D,N]``."""
+    decay = torch.exp(A.float()[None, :, :, None] * dt.float().cumsum(-1)[:, :, None, :])  # [B,D,N,t]
+    carried = decay * state.float()[..., None]
+    y = y0 + torch.einsum("bdnt,bnt->bdt", carried, C.float()).to(y0.dtype)
+    return y, h0_final + carried[..., -1].to(h0_final.dtype)
+
+
+@passthrough
+def _selective_scan(orig, run, hidden_states, dt, A, B, C, D=None, z=None, delta_bias=None,
+                    delta_softplus=False, return_last_state=False, **kw):
+    # A previous call with the same cache left the state the scan must continue from.
+    init = None
+    if run.cache is not None and run.memory.pos > 0:
+        init = run.cache.get_recurrent_state(run.gate.layer_idx, state_idx=0)
+    dt_eff = dt if delta_bias is None else dt + delta_bias.to(dt.dtype)[..., None]
+    if delta_softplus:
+        dt_eff = F.softplus(dt_eff)
+
+    def run_piece(a, b, state):
+        y0, h = orig(
+            hidden_states[..., a:b], dt[..., a:b], A, B[..., a:b], C[..., a:b], D=None, z=None,
+            delta_bias=delta_bias, delta_softplus=delta_softplus, return_last_state=True, **kw,
+        )
+        if state is not None:
+            y0, h = _carry_in(y0, h, state, dt_eff[..., a:b], A, C[..., a:b])
+        return y0.transpose(1, 2)[:, :, None], h  # online output as [B, t, 1, D]
+
+    q = C.transpose(1, 2)[:, :, None]  # [B, T, 1, N]
+    k = B.transpose(1, 2)[:, :, None]
+    y, final = run_segments(
+        run, q, k, run_piece, init, lambda s: s.float()[:, None].clone(), linear_read(q, scale=1.0, layout="vk")
+    )
+    y = y[:, :, 0].transpose(1, 2)  # back to [B, D, T]
+    if D is not None:
+        y = y + hidden_states * D[None, :, None]
+    if z is not None:
+        y = y * F.silu(z)
+    return (y, final) if return_last_state else y
+
+
+@passthrough
+def _state_update(orig, run, state, hidden_states, dt, A, B, C, D=None, z=None, **kw):
+    o = orig(state, hidden_states, dt, A, B, C, None, z=None, **kw)  # [B, D]; updates `state`
+    q = C[:, None, None]  # [B, 1, 1, N]
+    y, _ = run_segments(
+        run, q, B[:, None, None], lambda a, b, s: (o[:, None, None], s), state,
+        lambda s: s.float()[:, None].clone(), linear_read(q, scale=1.0, layout="vk"),
+    )
+    y = y[:, 0, 0]
+    if D is not None:
+        y = y + hidden_states * D
+    if z is not None:
+        y = y * F.silu(z)
+    return y.to(hidden_states.dtype)
+
+
+class MambaAdapter(Adapter):
+    family = "mamba"
+    model_types = ("mamba",)
+    writes_cache_in_place = True  # conv_states/ssm_states updated in place
+    supports_padding = True
+    description = "query C_t; key summary mean B_t; read h_i C_t before the D skip and silu(z)"
+
+    def model_class(self):
+        from transformers import MambaForCausalLM
+
+        return MambaForCausalLM
+
+    def mixers(self, model):
+        return [(i, layer.mixer) for i, layer in enumerate(model.backbone.layers)]
+
+    def gate_dims(self, mixer, config):
+        return 1, mixer.ssm_state_size
+
+    def install(self):
+        wrap_op(MODULE, "mamba_selective_scan", _selective_scan)
+        wrap_op(MODULE, "mamba_selective_state_update", _state_update)
+
+    def state_info(self, config):
+        return StateInfo(
+            shapes=[(config.intermediate_size, config.state_size)],
+            bytes_per_element=4,
+            key_dim=config.state_size,
+            heads=1,
+        )

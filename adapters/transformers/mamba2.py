@@ -1,0 +1,120 @@
+"""Mamba2 (transformers ``Mamba2ForCausalLM``).
+
+State per head: ``S [P, N]`` (head_dim x state_size, V-first). The layer's own read is
+``y_t = S_t C_t`` (then the D skip, the gated RMSNorm and out_proj).
+
+- query: ``C_t`` (repeated over the heads of its group);
+- key summary: mean of ``B_t`` over the segment;
+- read of a cached state: ``S_i C_t`` (scale 1), added before the D skip and the gated
+  norm, exactly where the family's own read-out happens.
+
+Wrapped ops: ``mamba2_chunk_scan`` (prefill: run per segment, chaining
+``initial_states``) and ``mamba2_selective_state_update`` (one-token decoding).
+"""
+from __future__ import annotations
+
+import torch
+
+from mc_retrofit.adapters.base import Adapter, StateInfo, expand_heads, passthrough, wrap_op
+from mc_retrofit.kernels.capture import linear_boundary_states
+from mc_retrofit.segments import linear_read, run_segments
+
+MODULE = "transformers.models.mamba2.modeling_mamba2"
+
+
+def mamba2_boundary_states(hidden_states, dt, A, B, segment_size: int, *, dt_bias=None, dt_softplus=False,
+                           dt_limit=(0.0, float("inf")), initial_states=None):
+    """Mamba2 boundary states in one pass: its SSM ``S_t = exp(dt_t A) S_{t-1} + (dt_t x_t) B_t^T``
+    is a gated linear recurrence (V-first ``[H,P,N]``). Arguments as transformers' ``mamba2_chunk_scan``:
+    hidden_states ``[B,T,H,P]``, dt ``[B,T,H]``, A ``[H]``, B ``[B,T,G,N]``, initial_states
+    ``[B,H,P,N]``. Returns ``(boundaries [B, T//C, H, P, N], final [B,H,P,N])`` (fp32)."""
+    H = hidden_states.shape[2]
+    if dt_bias is not None:
+        dt = dt + dt_bias.to(dt.dtype)
+    if dt_softplus:
+        dt = torch.nn.functional.softplus(dt)
+    dt = torch.clamp(dt.float(), min=dt_limit[0], max=dt_limit[1])
+    Bk = B.float().repeat_interleave(H // B.shape[2], dim=2)
+    x = hidden_states.float() * dt[..., None]
+    h0 = None if initial_states is None else initial_states.float().transpose(-1, -2)  # [B,H,N,P]
+    bounds, final = linear_boundary_states(Bk, x, g=dt * A.float()[None, None, :], initial_state=h0,
+                                           segment_size=segment_size)
+    return bounds.transpose(-1, -2), final.transpose(-1, -2)
+
+
+@passthrough
+def _chunk_scan(orig, run, hidden_states, dt, A, B, C, chunk_size, D=None, **kw):
+    init = kw.pop("initial_states", None)
+    want_final = kw.pop("return_final_states", False)
+    kw.pop("z", None)
+    heads = hidden_states.shape[2]
+
+    def run_piece(a, b, state):
+        return orig(
+            hidden_states[:, a:b], dt[:, a:b], A, B[:, a:b], C[:, a:b], chunk_size,
+            D=None, initial_states=state, return_final_states=True, **kw,
+        )
+
+    def capture(state, segment_size):
+        y, final = orig(hidden_states, dt, A, B, C, chunk_size, D=None, initial_states=state,
+                        return_final_states=True, **kw)
+        bounds, _ = mamba2_boundary_states(
+            hidden_states, dt, A, B, segment_size, dt_bias=kw.get("dt_bias"), dt_softplus=kw.get("dt_softplus", False),
+            dt_limit=kw.get("dt_limit", (0.0, float("inf"))), initial_states=state)
+        return y, final, bounds
+
+    q = expand_heads(C, heads)
+    k = expand_heads(B, heads)
+    y, final = run_segments(
+        run, q, k, run_piece, init, lambda s: s.float().clone(), linear_read(q, scale=1.0, layout="vk"), capture
+    )
+    if D is not None:  # the D skip, as the original op adds it
+        y = y + D[..., None] * hidden_states.float()
+    return (y, final) if want_final else y
+
+
+@passthrough
+def _state_update(orig, run, state, hidden_states, dt, A, B, C, D=None, **kw):
+    kw.pop("z", None)
+    heads = hidden_states.shape[1]
+    o = orig(state, hidden_states, dt, A, B, C, None, z=None, **kw)  # updates `state` in place
+    q = expand_heads(C, heads, dim=1)[:, None]
+    k = expand_heads(B, heads, dim=1)[:, None]
+    y, _ = run_segments(
+        run, q, k, lambda a, b, s: (o[:, None], s), state, lambda s: s.float().clone(),
+        linear_read(q, scale=1.0, layout="vk"),
+    )
+    y = y[:, 0]
+    if D is not None:
+        y = (y + hidden_states * D).to(y.dtype)
+    return y.to(hidden_states.dtype)
+
+
+class Mamba2Adapter(Adapter):
+    family = "mamba2"
+    model_types = ("mamba2",)
+    supports_padding = True
+    description = "query C_t; key summary mean B_t; read S_i C_t before the D skip and gated norm"
+
+    def model_class(self):
+        from transformers import Mamba2ForCausalLM
+
+        return Mamba2ForCausalLM
+
+    def mixers(self, model):
+        return [(i, layer.mixer) for i, layer in enumerate(model.backbone.layers)]
+
+    def gate_dims(self, mixer, config):
+        return mixer.num_heads, mixer.ssm_state_size
+
+    def install(self):
+        wrap_op(MODULE, "mamba2_chunk_scan", _chunk_scan)
+        wrap_op(MODULE, "mamba2_selective_state_update", _state_update)
+
+    def state_info(self, config):
+        return StateInfo(
+            shapes=[(config.num_heads, config.head_dim, config.state_size)],
+            bytes_per_element=4,
+            key_dim=config.state_size,
+            heads=config.num_heads,
+        )

@@ -1,0 +1,85 @@
+"""``mc-retrofit finetune``: train only the MC gate parameters for length extrapolation."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import click
+
+from . import FiniteFloat, build_config, friendly, mc_options
+from ..errors import MCError
+
+# Fine-tuning starts from exactly the base model (cache_weight 0) with a learned connector.
+FINETUNE_DEFAULTS = {"cache_weight": 0.0, "gate_source": "learned"}
+
+
+@click.command(name="finetune")
+@click.argument("model_path", metavar="MODEL")
+@click.option("--data", required=True, help="A .txt file or a folder of .txt files (evaluation-only books skipped).")
+@click.option("--out", required=True, type=click.Path(), help="Directory to write the fine-tuned converted model to.")
+@click.option("--steps", type=click.IntRange(min=1), default=200, show_default=True)
+@click.option("--seq-len", type=click.IntRange(min=1), default=2048, show_default=True, help="Bytes per window.")
+@click.option("--lr", type=FiniteFloat(min=0, min_open=True), default=1e-2, show_default=True)
+@click.option("--batch", type=click.IntRange(min=1), default=4, show_default=True)
+@click.option("--warmup", type=click.IntRange(min=0), default=20, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--eval-every", type=click.IntRange(min=0), default=50, show_default=True,
+              help="Held-out loss (and checkpoint) every N steps; 0 = only at the end.")
+@click.option("--tbptt", type=int, default=None, metavar="L",
+              help="Truncated backpropagation: run each window in chunks of L tokens through the model's cache "
+                   "(recurrent state + MC memory), backward per chunk, state detached between chunks. Same loss, "
+                   "activations of one chunk at a time. 2 <= L <= --seq-len.")
+@click.option("--state-passing", type=FiniteFloat(), default=0.0, show_default=True, metavar="P",
+              help="Probability in [0, 1] that a step continues the previous step's text streams from their final "
+                   "state (cache + MC memory), so the gates see memories older than one window.")
+@click.option("--grad-checkpointing", is_flag=True,
+              help="Recompute each layer in the backward (transformers' activation checkpointing) to fit long "
+                   "windows; not combinable with --tbptt < --seq-len or --state-passing.")
+@click.option("--resume", is_flag=True, help="Continue from <out>.checkpoint.")
+@click.option("--force", is_flag=True, help="Overwrite --out if it exists.")
+@mc_options
+@friendly
+def command(model_path, data, out, steps, seq_len, lr, batch, warmup, seed, eval_every, tbptt, state_passing,
+            grad_checkpointing, resume, force, **mc):
+    """Train only the Memory Caching gates of MODEL (original checkpoint or converted dir) on --data.
+
+    \b
+    Data parallel: torchrun --nproc-per-node N -m mc_retrofit finetune MODEL ...
+    (--batch is the global batch, split over the N processes; rank 0 writes --out).
+    Resume (--resume) needs the same options, and with --state-passing the same N."""
+    import torch
+
+    from .. import model as m
+    from ..files import check_target
+    from ..config import MCConfig
+    from ..finetune.loop import _check_args, check_reads_cache, finetune, read_texts
+
+    _check_args(steps, seq_len, batch, warmup, lr, tbptt, state_passing, grad_checkpointing)  # before any loading
+    if not Path(data).exists():
+        raise MCError(f"data path {data} does not exist")
+    if not force:
+        check_target(Path(out).absolute(), force)
+    if not read_texts(data):  # bad or empty data fails before any weight is loaded
+        raise MCError("the training data is empty")
+    p = m.resolve_path(model_path)
+    converted = p.is_file() or (p / "mc_config.json").is_file()
+    if converted:
+        if any(v is not None for v in mc.values()):
+            raise MCError(f"{model_path} is already converted; MC options apply only to an original checkpoint")
+        if p.is_dir():  # an exported file's config is checked by finetune() once it is loaded
+            check_reads_cache(MCConfig.load(p), seq_len, tbptt, state_passing)  # before any weight loads
+        model = m.load(p)
+    else:
+        # the command's own defaults are not flags the user gave (never refused as ignored);
+        # a --config file's values replace them
+        config = build_config(defaults=FINETUNE_DEFAULTS, **mc)
+        check_reads_cache(config, seq_len, tbptt, state_passing)  # before any weight loads
+        model = m.convert(m.load_base(p), config)
+    torch.manual_seed(seed)
+    result = finetune(model, data, steps=steps, seq_len=seq_len, lr=lr, batch=batch, warmup=warmup, seed=seed,
+                      out=out, eval_every=eval_every, resume=resume, force=force, tbptt=tbptt,
+                      state_passing=state_passing, grad_checkpointing=grad_checkpointing, log=click.echo)
+    if os.environ.get("RANK", "0") != "0":  # another process of a torchrun run: rank 0 reports
+        return
+    click.echo(f"finetuned {model_path} for {result['step']} steps: train loss {result['train_loss']:.4f}, "
+               f"held-out loss {result['heldout_loss']:.4f} nats/byte -> {out}")

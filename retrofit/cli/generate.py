@@ -1,0 +1,80 @@
+"""``mc-retrofit generate``: prompt a converted model and stream its continuation."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from . import FiniteFloat, friendly
+from ..errors import MCError
+
+
+@click.command(name="generate")
+@click.argument("model_path", metavar="MODEL")
+@click.option("--prompt-file", type=click.Path(dir_okay=False),
+              help="File that is the prompt (a byte-level model gets its bytes exactly; a tokenizer, its UTF-8 text).")
+@click.option("--prompt", help="Prompt text (instead of --prompt-file).")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=200, show_default=True)
+@click.option("--temperature", type=FiniteFloat(min=0), default=0.0, show_default=True,
+              help="0 = greedy decoding.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--stats", is_flag=True, help="Print the MC cache's segments and bytes at the end.")
+@friendly
+def command(model_path, prompt_file, prompt, max_new_tokens, temperature, seed, stats):
+    """Stream a continuation of a prompt from MODEL (converted dir, exported file, or original checkpoint)."""
+    import torch
+
+    from .. import model as m
+    from ..generation import ByteStreamer, cache_stats
+
+    if (prompt_file is None) == (prompt is None):
+        raise MCError("give exactly one of --prompt-file or --prompt")
+    if prompt_file is not None:
+        if not Path(prompt_file).is_file():
+            raise MCError(f"{prompt_file} does not exist")
+        raw = Path(prompt_file).read_bytes()
+    else:
+        raw = prompt.encode("utf-8", "surrogateescape")  # the argument's bytes, as the shell passed them
+    if not raw:
+        raise MCError("the prompt is empty")
+    p = m.resolve_path(model_path)
+    converted = p.is_file() or (p / "mc_config.json").is_file()
+    model = m.load(p) if converted else m.load_base(p)
+    tokenizer = _tokenizer(p)
+    if tokenizer is not None:
+        from transformers import TextStreamer
+
+        try:  # a tokenizer takes text: bytes that are not UTF-8 are refused, never replaced by U+FFFD
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise MCError(f"the prompt is not UTF-8 text (byte {e.start}); this model's tokenizer takes text: "
+                          "save the prompt as UTF-8") from None
+        ids = tokenizer(text, return_tensors="pt").input_ids
+        streamer = TextStreamer(tokenizer, skip_prompt=True)
+    else:
+        ids = torch.tensor([list(raw)])  # a byte-level model: token = byte, the file exactly
+        if int(ids.max()) >= model.config.vocab_size:
+            raise MCError("the model's vocabulary is smaller than 256 bytes and it ships no tokenizer")
+        streamer = ByteStreamer()
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        out = model.generate(
+            ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=temperature > 0,
+            temperature=temperature if temperature > 0 else None, streamer=streamer, use_cache=True,
+            return_dict_in_generate=True, pad_token_id=model.config.pad_token_id or 0,
+        )
+    if stats:
+        from ..compat import returned_cache
+
+        cache = returned_cache(out, required=False)  # whatever this transformers version calls it
+        if cache is not None:
+            s = cache_stats(cache)
+            click.echo(f"MC cache: {s['segments']} segments, {s['bytes']} bytes", err=True)
+
+
+def _tokenizer(path: Path):
+    if not path.is_dir() or not any((path / n).exists() for n in ("tokenizer.json", "tokenizer_config.json")):
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(path))

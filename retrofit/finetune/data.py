@@ -1,0 +1,152 @@
+"""Training data for gate-only fine-tuning: bytes from ``.txt`` files, a held-out tail, and
+the window sampler (random windows, or continuations of the previous step's windows when
+state passing is on)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..errors import MCError
+from ..eval_only import check_not_eval_only
+from ..tasks import EVAL_ONLY
+
+
+def read_texts(data) -> bytes:
+    """Bytes from ``data``: a ``.txt`` file, a folder of ``*.txt`` files (sorted; the
+    evaluation-only books are skipped), ``bytes`` (the text itself), or a list of those.
+    Text that is, or contains paragraphs of, an evaluation-only book is refused whatever
+    its name (:mod:`mc_retrofit.eval_only`)."""
+    if isinstance(data, (bytes, bytearray)):
+        out = bytes(data)
+        check_not_eval_only(out, "the tuning text")
+    elif isinstance(data, (list, tuple)):
+        out = b"\n\n".join(read_texts(d) for d in data)
+    else:
+        path = Path(data)
+        if not path.exists():
+            raise MCError(f"data path {path} does not exist")
+        if path.is_dir():
+            files = sorted(p for p in path.glob("*.txt") if p.name not in EVAL_ONLY)
+            if not files:
+                raise MCError(f"no training .txt files in {path} (evaluation-only books are skipped)")
+            parts = [p.read_bytes() for p in files]
+            for p, part in zip(files, parts):
+                check_not_eval_only(part, str(p))
+            out = b"\n\n".join(parts)
+        else:
+            if path.name in EVAL_ONLY:
+                raise MCError(f"{path.name} is an evaluation-only book; do not train on it")
+            out = path.read_bytes()
+            check_not_eval_only(out, str(path))
+    return out
+
+
+def split_heldout(data: bytes, seq_len: int, heldout_share: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Byte tensors (train, held-out); each must hold at least one window of seq_len + 1."""
+    need = seq_len + 1
+    if len(data) == 0:
+        raise MCError("the training data is empty")
+    n_held = max(need, int(len(data) * heldout_share))
+    if len(data) - n_held < need:
+        raise MCError(f"the training data has {len(data)} bytes; need at least {2 * need} "
+                      f"(a {need}-byte window to train on and one held out) at --seq-len {seq_len}")
+    t = torch.frombuffer(bytearray(data), dtype=torch.uint8).long()
+    return t[: len(data) - n_held], t[len(data) - n_held:]
+
+
+def windows_at(data: torch.Tensor, starts: torch.Tensor, seq_len: int) -> torch.Tensor:
+    return torch.stack([data[s: s + seq_len + 1] for s in starts.tolist()])
+
+
+def sample_windows(data: torch.Tensor, batch: int, seq_len: int, gen: torch.Generator) -> torch.Tensor:
+    """``batch`` random windows of ``seq_len + 1`` bytes (deterministic given ``gen``)."""
+    return windows_at(data, _random_starts(data, batch, seq_len, gen), seq_len)
+
+
+def _random_starts(data: torch.Tensor, batch: int, seq_len: int, gen: torch.Generator) -> torch.Tensor:
+    return torch.randint(0, len(data) - seq_len, (batch,), generator=gen)
+
+
+class WindowSampler:
+    """The global batch of each step, deterministic given ``gen``.
+
+    Without state passing (``passing == 0``) it draws exactly what :func:`sample_windows`
+    draws, so plain runs are unchanged. With ``passing = P > 0`` each step after the first
+    draws one uniform number; below ``P`` the step continues the previous step's streams
+    (window ``i`` starts where the previous window ``i``'s input ended, ``seq_len`` bytes
+    later) and the trainer carries their final state over. A continuation that would run
+    past the end of the data starts fresh instead (the draw is still consumed, so the
+    stream of random numbers does not depend on the data length)."""
+
+    def __init__(self, data: torch.Tensor, batch: int, seq_len: int, gen: torch.Generator, passing: float = 0.0):
+        self.data, self.batch, self.seq_len, self.gen, self.passing = data, batch, seq_len, gen, float(passing)
+        self.starts: torch.Tensor | None = None  # the previous step's window starts
+
+    def next(self) -> tuple[torch.Tensor, bool]:
+        """(windows ``[batch, seq_len + 1]``, whether they continue the previous step's)."""
+        continued = False
+        if self.passing > 0 and self.starts is not None:
+            draw = float(torch.rand((), generator=self.gen))
+            following = self.starts + self.seq_len
+            if draw < self.passing and int(following.max()) + self.seq_len + 1 <= len(self.data):
+                self.starts, continued = following, True
+        if not continued:
+            self.starts = _random_starts(self.data, self.batch, self.seq_len, self.gen)
+        return windows_at(self.data, self.starts, self.seq_len), continued
+
+    def state_dict(self) -> dict:
+        return {"generator": self.gen.get_state(), "starts": self.starts}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.gen.set_state(state["generator"])
+        self.starts = state["starts"]
+
+
+# -- pre-tokenised sequences (synthetic tasks) -----------------------------------------------
+def inputs_and_targets(windows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(inputs [B, L], targets [B, L])`` of text windows ``[B, L+1]`` (the next token) or of
+    labelled rows ``[B, 2, L+1]`` (their own labels; -100 = not scored)."""
+    if windows.dim() == 3:
+        return windows[:, 0, :-1], windows[:, 1, :-1]
+    return windows[:, :-1], windows[:, 1:]
+
+
+def labelled_rows(input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """``(input_ids [N, L], labels [N, L])`` -> ``[N, 2, L+1]`` rows (a last unused column,
+    so that rows have the windows' ``L + 1`` length)."""
+    if input_ids.dim() != 2 or input_ids.shape != labels.shape:
+        raise MCError(f"input_ids and labels must both be [N, L]; got {list(input_ids.shape)} and {list(labels.shape)}")
+    pad = torch.full((input_ids.shape[0], 1), -100, dtype=torch.long)
+    ids = torch.cat([input_ids.long(), torch.zeros_like(pad)], 1)
+    return torch.stack([ids, torch.cat([labels.long(), pad], 1)], 1)
+
+
+def split_rows(rows: torch.Tensor, seq_len: int, heldout_share: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token sequences ``[N, seq_len + 1]`` (or labelled ``[N, 2, seq_len + 1]``) ->
+    (train rows, held-out rows: the last share)."""
+    if rows.dim() not in (2, 3) or rows.shape[-1] != seq_len + 1 or (rows.dim() == 3 and rows.shape[1] != 2):
+        raise MCError(f"token sequences must be shaped [N, seq_len + 1] = [N, {seq_len + 1}] (or input_ids and "
+                      f"labels of [N, {seq_len}]), not {list(rows.shape)}")
+    n_held = max(1, int(rows.shape[0] * heldout_share))
+    if rows.shape[0] - n_held < 1:
+        raise MCError(f"{rows.shape[0]} token sequences are too few: need one to train on and one held out")
+    rows = rows.long()
+    return rows[: rows.shape[0] - n_held], rows[rows.shape[0] - n_held:]
+
+
+class RowSampler:
+    """:class:`WindowSampler` for whole pre-tokenised sequences: each step draws ``batch``
+    rows (never a continuation: sequences are independent)."""
+
+    def __init__(self, rows: torch.Tensor, batch: int, gen: torch.Generator):
+        self.rows, self.batch, self.gen = rows, batch, gen
+
+    def next(self) -> tuple[torch.Tensor, bool]:
+        return self.rows[torch.randint(0, self.rows.shape[0], (self.batch,), generator=self.gen)], False
+
+    def state_dict(self) -> dict:
+        return {"generator": self.gen.get_state(), "starts": None}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.gen.set_state(state["generator"])
