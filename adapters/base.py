@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import functools
-import importlib
 from dataclasses import dataclass
 
 import torch
@@ -83,9 +82,24 @@ class Adapter:
         name = compat.argument_name(type(mixer).forward, self.mixer_cache_names, f"{type(mixer).__name__}.forward")
         return functools.partial(_cache_keyword, name)
 
-    def install(self) -> None:
-        """Wrap the family's module-level ops (idempotent)."""
+    def op_patches(self) -> list:
+        """The family's module-level ops Memory Caching wraps (:func:`op_patch` each)."""
         raise NotImplementedError
+
+    def support_patches(self) -> list:
+        """Foreign symbols the family needs replaced to run at all here, converted or not
+        (fla's CPU routing): installed when its model class is asked for."""
+        return []
+
+    def patches(self) -> list:
+        """Every foreign symbol this family has mc-retrofit replace (``mc_retrofit.compat.Patch``)."""
+        return [*self.support_patches(), *self.op_patches()]
+
+    def install(self) -> None:
+        """Install :meth:`patches` (idempotent; support first: the op wrappers sit on top of it)."""
+        from .. import compat
+
+        compat.install(self.patches())
 
     def state_info(self, config) -> StateInfo:
         raise NotImplementedError
@@ -105,19 +119,16 @@ def _cache_keyword(name: str, args, kwargs):
     return kwargs.get(name)
 
 
-def wrap_op(module_name: str, name: str, make):
-    """Replace ``module_name.name`` by ``make(original)`` once. The wrapper must pass
-    straight through to the original when no wrapped layer is running."""
-    module = importlib.import_module(module_name)
-    done = module.__dict__.setdefault("__mc_wrapped__", {})
-    if name in done:
-        return
-    original = getattr(module, name)
-    wrapper = make(original)
-    functools.update_wrapper(wrapper, original)
-    wrapper.__mc_original__ = original
-    setattr(module, name, wrapper)
-    done[name] = original
+def op_patch(module_name: str, name: str, make, family: str):
+    """The "mc"-layer patch that replaces ``module_name.name`` by ``make(original)``. The
+    wrapper must pass straight through to the original when no wrapped layer is running."""
+    from .. import compat
+
+    def wrapped(original):
+        return functools.update_wrapper(make(original), original)
+
+    return compat.Patch(module_name, name, wrapped, layer="mc", group=family,
+                        why=f"Memory Caching reads and extends {family}'s recurrence through it")
 
 
 def passthrough(make_mc):

@@ -94,7 +94,7 @@ def peaks_for(device):
 
 # ---- (a) read-out kernel vs reference -------------------------------------------------
 def bench_readout(cfg, device, dtype, use_kernel):
-    from mc_retrofit.core import readout_reference
+    from mc_retrofit.core import ReadInputs, readout_reference
     from mc_retrofit.kernels import readout
 
     r = cfg["readout"]
@@ -112,8 +112,9 @@ def bench_readout(cfg, device, dtype, use_kernel):
             kw = dict(aggregation=agg, top_k=cfg["top_k"], scale=1.0, gate_scale=torch.full((H,), K ** -0.5,
                       device=device), mix=torch.ones(H, device=device), layout="vk")
             with torch.no_grad():
-                t_ref = timeit(lambda: readout_reference(q, S, o, u, p, op, nv, **kw), device, cfg["repeats"])
-                t_k = timeit(lambda: readout(q, S, o, u, p, op, nv, **kw), device, cfg["repeats"]) if use_kernel \
+                x = ReadInputs(q, S, o, u, p, op, nv, **kw)
+                t_ref = timeit(lambda: readout_reference(x), device, cfg["repeats"])
+                t_k = timeit(lambda: readout(x), device, cfg["repeats"]) if use_kernel \
                     else None
             # bytes a perfect kernel must move: every state once, q/o/u/op in, y out
             nbytes = S.numel() * 4 + p.numel() * 4 + (q.numel() + o.numel() * 2 + u.numel()) * q.element_size() \
@@ -201,7 +202,7 @@ def bench_prefill(cfg, device, dtype, progress, checkpoint=None):
 
 # ---- (c) decode step ---------------------------------------------------------------
 def bench_decode(cfg, device, dtype, use_kernel):
-    from mc_retrofit.core import readout_reference
+    from mc_retrofit.core import ReadInputs, readout_reference
     from mc_retrofit.kernels import readout
 
     r = cfg["readout"]
@@ -218,8 +219,9 @@ def bench_decode(cfg, device, dtype, use_kernel):
             kw = dict(aggregation=agg, top_k=cfg["top_k"], scale=1.0, gate_scale=torch.full((H,), K ** -0.5,
                       device=device), mix=torch.ones(H, device=device), layout="vk")
             with torch.no_grad():
-                t_ref = timeit(lambda: readout_reference(q, S, o, q, p, op, nv, **kw), device, cfg["repeats"] * 4)
-                t_k = timeit(lambda: readout(q, S, o, q, p, op, nv, **kw), device, cfg["repeats"] * 4) \
+                x = ReadInputs(q, S, o, q, p, op, nv, **kw)
+                t_ref = timeit(lambda: readout_reference(x), device, cfg["repeats"] * 4)
+                t_k = timeit(lambda: readout(x), device, cfg["repeats"] * 4) \
                     if use_kernel else None
             rows.append(dict(N=N, aggregation=agg, reference_s=t_ref, kernel_s=t_k,
                              speedup=(t_ref / t_k) if t_k else None))
@@ -293,7 +295,9 @@ def main(argv=None):
     ap.add_argument("--skip-prefill", action="store_true")
     ap.add_argument("--skip-readout", action="store_true", help="skip (a) and (c), the read-out kernel timings")
     args = ap.parse_args(argv)
-    torch.set_flush_denormal(True)
+    from mc_retrofit.distributed import cpu_numerics
+
+    cpu_numerics()
     cfg = dict(SMOKE if args.smoke else FULL)
     for key, value in (("lengths", args.lengths), ("segments", args.segments), ("aggs", args.aggs),
                        ("top_k", args.top_k), ("repeats", args.repeats)):

@@ -1,7 +1,7 @@
 """Triton kernels for Memory Caching, each beside its PyTorch reference.
 
-``readout`` is the dispatch point ``mc_retrofit.segments`` calls. It has exactly the
-signature of ``mc_retrofit.core.readout_reference`` and runs
+``readout`` is the dispatch point ``mc_retrofit.segments`` calls. It takes what
+``mc_retrofit.core.readout_reference`` takes (one ``mc_retrofit.core.ReadInputs``) and runs
 
 - the Triton kernels (``readout_op.readout_triton``: block-of-tokens forward and
   backward, a one-token decode path) when the tensors are on CUDA, or when
@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import os
 
-from mc_retrofit.core import readout_reference
+from mc_retrofit.core import ReadInputs, readout_reference
 
-__all__ = ["readout", "readout_reference", "use_triton"]
+__all__ = ["ReadInputs", "readout", "readout_reference", "use_triton"]
 
 
 def _flag(name: str) -> bool:
@@ -33,16 +33,13 @@ def use_triton(tensor) -> bool:
     return tensor.is_cuda or _flag("MC_RETROFIT_FORCE_TRITON")
 
 
-def readout(q, states, online, u, pooled, online_pool, n_visible, *, aggregation, top_k, scale, gate_scale, mix,
-            online_bias=0.0, layout="kv"):
+def readout(x: ReadInputs):
     """Fused Memory Caching read-out ``y = o + mix * (agg - o)``; see
-    :func:`mc_retrofit.core.readout_reference` for shapes and semantics."""
-    kwargs = dict(aggregation=aggregation, top_k=top_k, scale=scale, gate_scale=gate_scale, mix=mix,
-                  online_bias=online_bias, layout=layout)
+    :func:`mc_retrofit.core.readout_reference` for its semantics."""
     # Per-row visibility ([B, T]: left-padded batches whose rows hold different numbers of
     # segments) takes the reference path; the kernels read one count per token.
-    if states is None or states.shape[1] == 0 or n_visible.dim() == 2 or not use_triton(q):
-        return readout_reference(q, states, online, u, pooled, online_pool, n_visible, **kwargs)
+    if x.states is None or x.states.shape[1] == 0 or x.n_visible.dim() == 2 or not use_triton(x.q):
+        return readout_reference(x)
     from .readout_op import readout_triton
 
-    return readout_triton(q, states, online, u, pooled, online_pool, n_visible, **kwargs)
+    return readout_triton(x)

@@ -1,7 +1,7 @@
 """Boundary-state capture in one pass: the recurrent state at the end of every segment.
 
-The runner's reference loop calls the family's op once per segment to obtain each
-boundary state. These functions give all of them from one call instead:
+The segment loop (``mc_retrofit.segments``) calls the family's op once per segment to obtain
+each boundary state. These functions give all of them from one call instead:
 
 - ``linear_boundary_states`` (torch, any device): gated linear recurrences
   ``S_t = diag(a_t) S_{t-1} diag(b_t) + k_t v_t^T`` with ``a_t = exp(g_t + gk_t)``,
@@ -12,14 +12,17 @@ boundary state. These functions give all of them from one call instead:
 - ``fla_boundary_states`` (CUDA only): fla's own ``chunk_fwd_h`` with
   ``split_size = segment_size`` returns the state at the start of every split, i.e. every
   segment boundary, in one kernel (segment size must be a multiple of the chunk size).
-- ``gated_delta_rule_boundary_states`` (CUDA only): the output and the per-chunk states
-  of fla's chunked gated delta rule (``chunk_gated_delta_rule_fwd_h``), from which the
-  boundary states are picked.
+- ``gated_linear_boundary_states``: the one the fla adapters call (GLA, RetNet, RWKV-6):
+  ``fla_boundary_states`` where it applies, ``linear_boundary_states`` elsewhere.
+
+The delta rules (DeltaNet, Gated DeltaNet, RWKV-7) capture on CPU through the recording
+chunkwise forms of ``mc_retrofit.adapters.fla.chunk``; on CUDA they keep the per-segment loop
+(a capture through fla's delta-rule state kernels was never verified on a GPU, so it is not here).
 
 Each returns ``boundaries [B, N, H, ...]`` with N = T // segment_size (the segments that
 end inside the call; a call ending exactly on a boundary includes that state) and the
-final state after the last token. The CUDA paths are unverified without a GPU (tests
-marked ``gpu`` compare them with the torch reference).
+final state after the last token. The CUDA path is unverified without a GPU (tests
+marked ``gpu`` compare it with the torch reference).
 """
 from __future__ import annotations
 
@@ -73,6 +76,18 @@ def linear_boundary_states(k, v, *, g=None, gk=None, gv=None, initial_state=None
     return bounds, S
 
 
+def gated_linear_boundary_states(k, v, *, g=None, gk=None, gv=None, initial_state=None, segment_size: int,
+                                 chunk_size: int = 64):
+    """:func:`linear_boundary_states`' arguments and result (K-first), on the device's fast
+    path: fla's ``chunk_fwd_h`` on CUDA when the segment is a whole number of its chunks,
+    the torch form otherwise (any device). Used by the fla adapters' one-pass capture."""
+    if k.is_cuda and segment_size % chunk_size == 0:
+        bounds, final = fla_boundary_states(k, v, g=g, gk=gk, gv=gv, initial_state=initial_state,
+                                            segment_size=segment_size, chunk_size=chunk_size)
+        return bounds.float(), final.float()
+    return linear_boundary_states(k, v, g=g, gk=gk, gv=gv, initial_state=initial_state, segment_size=segment_size)
+
+
 def _pick(h, final, T, segment_size):
     """States at split starts ``h [B, NS, ...]`` -> states at the NS' = T // C segment ends."""
     n_full = T // segment_size
@@ -102,33 +117,3 @@ def fla_boundary_states(k, v, *, g=None, g_gamma=None, gk=None, gv=None, initial
         split_size=segment_size, states_in_fp32=True,
     )
     return _pick(h, final, k.shape[1], segment_size)
-
-
-def gated_delta_rule_boundary_states(q, k, v, g, beta, *, scale, initial_state=None, segment_size: int,
-                                     chunk_size: int = 64, state_v_first: bool = False):
-    """One chunked gated-delta-rule pass (CUDA) that also returns the boundary states.
-
-    Follows ``fla.ops.gated_delta_rule.chunk.chunk_gated_delta_rule_fwd`` (fla 0.6.0)
-    step by step, keeping ``h`` (the state at the start of every chunk) that it discards.
-    Returns ``(o, boundaries [B, T//C, H, K, V] (or V-first), final)``."""
-    if not k.is_cuda:
-        raise MCError("gated_delta_rule_boundary_states needs CUDA tensors")
-    if segment_size % chunk_size:
-        raise MCError(f"segment_size ({segment_size}) must be a multiple of the chunk size ({chunk_size})")
-    from fla.ops.gated_delta_rule.chunk import (chunk_fwd_o, chunk_gated_delta_rule_fwd_h,
-                                                chunk_gated_delta_rule_fwd_intra)
-    from fla.ops.utils.constant import RCP_LN2
-    from fla.ops.utils.cumsum import chunk_local_cumsum
-
-    g = chunk_local_cumsum(g, chunk_size=chunk_size, scale=RCP_LN2)
-    w, u, _ = chunk_gated_delta_rule_fwd_intra(k=k, v=v, g=g, beta=beta, chunk_size=chunk_size)
-    h, v_new, final = chunk_gated_delta_rule_fwd_h(k=k, w=w, u=u, g=g, initial_state=initial_state,
-                                                   output_final_state=True, state_v_first=state_v_first,
-                                                   chunk_size=chunk_size)
-    o = chunk_fwd_o(q=q, k=k, v=v_new, h=h, g=g, scale=scale, state_v_first=state_v_first, chunk_size=chunk_size)
-    step = segment_size // chunk_size
-    n_full = k.shape[1] // segment_size
-    starts = h[:, step::step][:, :n_full].float()  # chunk starts that are segment ends
-    if starts.shape[1] < n_full:
-        starts = torch.cat([starts, final[:, None].float()], 1)
-    return o, starts, final

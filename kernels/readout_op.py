@@ -18,6 +18,7 @@ import os
 import torch
 import triton
 
+from mc_retrofit.core import ReadInputs
 from mc_retrofit.errors import MCError
 
 from .readout_bwd import readout_bwd_state_kernel, readout_bwd_token_kernel
@@ -200,16 +201,18 @@ class _Readout(torch.autograd.Function):
                 cast(dgs, gate_scale), cast(dmix, mix), None, None)
 
 
-def readout_triton(
-    q, states, online, u, pooled, online_pool, n_visible, *, aggregation, top_k, scale, gate_scale, mix,
-    online_bias=0.0, layout="kv", residual_prefix: bool | None = None, decode: bool | None = None,
-):
-    """Triton read-out; same contract as ``mc_retrofit.core.readout_reference``.
+def readout_triton(x: ReadInputs, *, residual_prefix: bool | None = None, decode: bool | None = None):
+    """Triton read-out; same inputs (:class:`mc_retrofit.core.ReadInputs`) and contract as
+    ``mc_retrofit.core.readout_reference``.
 
     ``residual_prefix``: residual through prefix sums of the states (None: when the call
     has more than two token blocks). ``decode``: the one-token kernel (None: when T == 1
     and no gradient is needed).
     """
+    q, states, online, u, pooled, online_pool, n_visible = (
+        x.q, x.states, x.online, x.u, x.pooled, x.online_pool, x.n_visible)
+    aggregation, top_k, scale, gate_scale, mix, online_bias, layout = (
+        x.aggregation, x.top_k, x.scale, x.gate_scale, x.mix, x.online_bias, x.layout)
     N = 0 if states is None else states.shape[1]
     if N == 0:
         return online  # nothing cached: exactly the model's own output

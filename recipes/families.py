@@ -8,14 +8,13 @@ torch on CPU; :func:`speed_context` makes CPU training of Mamba and the fla fami
 from __future__ import annotations
 
 import contextlib
-import json
 from pathlib import Path
 
 import torch
 
-import fast_chunk  # recipes/ is on sys.path wherever this module is imported
-import fast_scan
+import fast_scan  # recipes/ is on sys.path wherever this module is imported
 
+from mc_retrofit.adapters.fla import chunk as fast_chunk
 from mc_retrofit.errors import MCError
 
 # Small defaults: a few hundred K parameters at vocab 256 and hidden 128.
@@ -35,29 +34,7 @@ DEFAULTS: dict[str, dict] = {
                   gate_low_rank_dim=32, a_low_rank_dim=16, v_low_rank_dim=8, tie_word_embeddings=True),
 }
 
-FLA = {
-    "delta_net": ("DeltaNetConfig", "DeltaNetForCausalLM"),
-    "gated_deltanet": ("GatedDeltaNetConfig", "GatedDeltaNetForCausalLM"),
-    "retnet": ("RetNetConfig", "RetNetForCausalLM"),
-    "gla": ("GLAConfig", "GLAForCausalLM"),
-    "rwkv7": ("RWKV7Config", "RWKV7ForCausalLM"),
-}
 FAMILIES = tuple(DEFAULTS)
-
-
-def _transformers_classes(family: str):
-    import transformers
-
-    if family == "mamba2":
-        return transformers.Mamba2Config, transformers.Mamba2ForCausalLM
-    return transformers.MambaConfig, transformers.MambaForCausalLM
-
-
-def _fla_classes(family: str):
-    import fla.models
-
-    cfg, model = FLA[family]
-    return getattr(fla.models, cfg), getattr(fla.models, model)
 
 
 def enable_fla_cpu() -> None:
@@ -76,25 +53,38 @@ def speed_context(family: str):
     fla families' chunkwise recurrences (fast_chunk); the same math as the stock CPU paths."""
     if family == "mamba":
         return fast_scan.patched()
-    if family in FLA and not torch.cuda.is_available():
+    if is_fla(family) and not torch.cuda.is_available():
         return fast_chunk.patched()
     return contextlib.nullcontext()
 
 
-def classes(family: str):
+def adapter(family: str):
+    """The package's adapter for ``family``: the one registry of what each family is."""
     if family not in DEFAULTS:
         raise MCError(f"unknown family {family!r}; choose one of {', '.join(FAMILIES)}")
-    if family in FLA:
-        enable_fla_cpu()
-        return _fla_classes(family)
-    return _transformers_classes(family)
+    from mc_retrofit.adapters import adapter_by_family
+
+    return adapter_by_family(family)
+
+
+def is_fla(family: str) -> bool:
+    from mc_retrofit.adapters.fla import FlaAdapter
+
+    return isinstance(adapter(family), FlaAdapter)
+
+
+def classes(family: str):
+    """(config class, model class) of ``family``, from its adapter (which loads fla's
+    classes with the CPU routing in place, and transformers' by explicit class)."""
+    model_cls = adapter(family).model_class()
+    return model_cls.config_class, model_cls
 
 
 def build(family: str, vocab_size: int = 256, seed: int = 0, **overrides):
     """A freshly initialised causal LM of ``family`` (defaults above, then ``overrides``)."""
     config_cls, model_cls = classes(family)
     kw = {**DEFAULTS[family], "vocab_size": vocab_size, "use_cache": False, **overrides}
-    if family in FLA:
+    if is_fla(family):
         # fla's fused kernels are Triton: keep the plain torch paths so CPU training works.
         kw = {"fuse_norm": False, "fuse_swiglu": False, "fuse_cross_entropy": False, **kw}
         kw.setdefault("bos_token_id", 0)
@@ -108,12 +98,13 @@ def build(family: str, vocab_size: int = 256, seed: int = 0, **overrides):
 
 
 def family_of(path: str | Path) -> str:
-    model_type = json.loads((Path(path) / "config.json").read_text())["model_type"]
-    aliases = {"mamba2": "mamba2", "mamba": "mamba", "delta_net": "delta_net", "gated_deltanet": "gated_deltanet",
-               "retnet": "retnet", "gla": "gla", "rwkv7": "rwkv7"}
-    if model_type not in aliases:
-        raise MCError(f"{path}: model_type {model_type!r} is not a family this recipe trains")
-    return aliases[model_type]
+    from mc_retrofit.adapters import adapter_for
+    from mc_retrofit.model import read_hf_config
+
+    family = adapter_for(read_hf_config(Path(path))).family
+    if family not in DEFAULTS:
+        raise MCError(f"{path}: family {family!r} is not one this recipe trains ({', '.join(FAMILIES)})")
+    return family
 
 
 def load(path: str | Path):

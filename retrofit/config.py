@@ -21,7 +21,7 @@ AGGREGATIONS = ("residual", "gated", "ssc")
 # gated residual exactly, and every supported family reads linearly: an alias.
 AGGREGATION_ALIASES = {"soup": "gated", "grm": "gated", "sparse": "ssc"}
 SEGMENTATIONS = ("constant", "log")
-GATE_SOURCES = ("query", "learned")
+GATE_SOURCES = ("query", "lowrank", "learned")
 CACHE_POLICIES = ("recent", "log")
 
 
@@ -50,8 +50,12 @@ class MCConfig:
         top_k: cached segments each token keeps under ``ssc``.
         gate_source: what the gates compare against each segment's mean-pooled keys.
             ``query``: the layer's own query (parameter-free, training-free);
-            ``learned``: ``u_t = x_t W_u``, a connector from the layer input (initialised
+            ``lowrank``: ``u_t = q_t + (x_t A) B``, the query plus a rank-``gate_rank``
+            correction from the layer input (``B`` starts at zero, so it starts as ``query``;
+            light: ``gate_rank * (d_model + H * U)`` parameters per layer);
+            ``learned``: ``u_t = x_t W_u``, a full connector from the layer input (initialised
             to zero, i.e. uniform gates, and trained by ``mc-retrofit finetune``).
+        gate_rank: the rank of the ``lowrank`` connector.
         temperature: gate logits are ``<u_t, pool_i> / (sqrt(d_k) * temperature)``.
         online_bias: added to the online memory's gate logit (> 0 trusts the online
             memory more; a training-free knob).
@@ -76,6 +80,7 @@ class MCConfig:
     aggregation: str = "gated"
     top_k: int = 2
     gate_source: str = "query"
+    gate_rank: int = 2
     temperature: float = 1.0
     online_bias: float = 0.0
     cache_weight: float = 1.0
@@ -101,6 +106,8 @@ class MCConfig:
             raise MCError(f"top_k must be a positive integer, not {self.top_k!r}")
         if self.gate_source not in GATE_SOURCES:
             raise MCError(f"gate_source must be one of {', '.join(GATE_SOURCES)}, not {self.gate_source!r}")
+        if not (_is_int(self.gate_rank) and self.gate_rank >= 1):
+            raise MCError(f"gate_rank must be a positive integer, not {self.gate_rank!r}")
         if not (_is_number(self.temperature) and self.temperature > 0 and math.isfinite(self.temperature)):
             raise MCError(f"temperature must be a positive number, not {self.temperature!r}")
         if not (_is_number(self.online_bias) and math.isfinite(self.online_bias)):
@@ -141,6 +148,8 @@ class MCConfig:
                                         "of each call's length)"))
         if "top_k" in given and self.aggregation != "ssc":
             out.append(("top_k", f"applies only to aggregation ssc, not {self.aggregation}"))
+        if "gate_rank" in given and self.gate_source != "lowrank":
+            out.append(("gate_rank", f"applies only to gate_source lowrank, not {self.gate_source}"))
         if "cache_policy" in given and self.max_cached_segments is None:
             out.append(("cache_policy", "applies only with max_cached_segments (without a cap nothing is dropped)"))
         if self.aggregation == "residual":

@@ -23,6 +23,7 @@ The output mixes the aggregate into the model's own output with a per-head weigh
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -136,35 +137,45 @@ def gate_weights(
     return torch.softmax(logits, dim=-1)
 
 
-def readout_reference(
-    q: torch.Tensor,
-    states: torch.Tensor | None,
-    online: torch.Tensor,
-    u: torch.Tensor,
-    pooled: torch.Tensor | None,
-    online_pool: torch.Tensor,
-    n_visible: torch.Tensor,
-    *,
-    aggregation: str,
-    top_k: int,
-    scale: float,
-    gate_scale: torch.Tensor,
-    mix: torch.Tensor,
-    online_bias: float = 0.0,
-    layout: str = "kv",
-) -> torch.Tensor:
-    """Fused MC read-out, reference version: ``y = o + mix * (agg - o)``.
+@dataclass(frozen=True)
+class ReadInputs:
+    """The read-out's inputs, named once: what :func:`readout_reference`, the dispatch
+    ``mc_retrofit.kernels.readout`` and the Triton read-out all take.
 
-    q ``[B,T,H,K]``; states ``[B,N,H,K,V]`` (layout ``kv``) or ``[B,N,H,V,K]`` (``vk``);
-    online ``[B,T,H,V]`` (the model's own read of its online memory); u, pooled,
-    online_pool, n_visible, gate_scale as in :func:`gate_weights`; mix ``[H]``.
+    q ``[B,T,H,K]`` (the read query); states ``[B,N,H,K,V]`` (layout ``kv``) or
+    ``[B,N,H,V,K]`` (``vk``), or None; online ``[B,T,H,V]`` (the model's own read of its
+    online memory); u, pooled, online_pool, n_visible, gate_scale as in
+    :func:`gate_weights`; mix ``[H]`` (the cache weight ``a``); scale the read's ``scale``.
+    """
+
+    q: torch.Tensor
+    states: torch.Tensor | None
+    online: torch.Tensor
+    u: torch.Tensor | None
+    pooled: torch.Tensor | None
+    online_pool: torch.Tensor | None
+    n_visible: torch.Tensor
+    aggregation: str
+    top_k: int
+    scale: float
+    gate_scale: torch.Tensor
+    mix: torch.Tensor
+    online_bias: float = 0.0
+    layout: str = "kv"
+
+
+def readout_reference(x: ReadInputs) -> torch.Tensor:
+    """Fused MC read-out, reference version: ``y = o + mix * (agg - o)`` (inputs: :class:`ReadInputs`).
+
     Returns ``[B,T,H,V]`` in ``online``'s dtype; everything inside is fp32.
     """
+    q, states, online, u, pooled, online_pool, n_visible = (
+        x.q, x.states, x.online, x.u, x.pooled, x.online_pool, x.n_visible)
     N = 0 if states is None else states.shape[1]
     if N == 0 or int(n_visible.max()) == 0:
         return online  # no cached segment is read: exactly the model's own output
     out = torch.empty_like(online)
-    mixf = mix.float().to(online.device)[None, None, :, None]
+    mixf = x.mix.float().to(online.device)[None, None, :, None]
     for a in range(0, q.shape[1], _BLOCK):
         b = min(q.shape[1], a + _BLOCK)
         nv = n_visible[..., a:b]
@@ -174,11 +185,11 @@ def readout_reference(
             out[:, a:b] = online[:, a:b]
             continue
         w = gate_weights(
-            u[:, a:b], pooled[:, :n], online_pool[:, a:b], nv, aggregation, top_k, gate_scale, online_bias
+            u[:, a:b], pooled[:, :n], online_pool[:, a:b], nv, x.aggregation, x.top_k, x.gate_scale, x.online_bias
         )
         S = states[:, :n].float()
-        eq = "bthk,bnhkv->bthnv" if layout == "kv" else "bthk,bnhvk->bthnv"
-        reads = torch.einsum(eq, q[:, a:b].float(), S) * scale  # [B,t,H,n,V]
+        eq = "bthk,bnhkv->bthnv" if x.layout == "kv" else "bthk,bnhvk->bthnv"
+        reads = torch.einsum(eq, q[:, a:b].float(), S) * x.scale  # [B,t,H,n,V]
         agg = w[..., :1] * o + (w[..., 1:, None] * reads).sum(-2)
         out[:, a:b] = (o + mixf * (agg - o)).to(online.dtype)
     return out

@@ -1,14 +1,12 @@
 """``inspect``: what a model's recurrent state and Memory Caching cost, from configs alone."""
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
-from pathlib import Path
 
-from .config import CONFIG_NAME, MCConfig
+from .checkpoints import open_checkpoint
+from .config import MCConfig
 from .errors import MCError
-from .model import (_header_shapes, check_layer_count, config_from_dict, export_metadata, read_hf_config,
-                    resolve_path, weight_files)
+from .model import _header_shapes, check_layer_count
 
 TOKENS = 1024  # "per 1K tokens"
 
@@ -33,20 +31,6 @@ class Description:
         return dict(self.__dict__)
 
 
-def _configs(path: Path):
-    if path.is_file():
-        meta = export_metadata(path)  # the same checks (and messages) as loading it
-        try:
-            hf = json.loads(meta["hf_config"])
-        except json.JSONDecodeError:
-            raise MCError(f"{path} has no readable model config in its metadata") from None
-        return config_from_dict(hf, str(path)), MCConfig.from_json(meta["mc_config"]), True
-    hf = read_hf_config(path)
-    if (path / CONFIG_NAME).is_file():
-        return hf, MCConfig.load(path), True
-    return hf, None, False
-
-
 def describe(path, mc_config: MCConfig | None = None) -> Description:
     """Family, layers, state sizes and cache bytes per 1K tokens of a checkpoint.
 
@@ -54,12 +38,12 @@ def describe(path, mc_config: MCConfig | None = None) -> Description:
     segment size to cost."""
     from mc_retrofit.adapters import adapter_for
 
-    p = resolve_path(path)
-    hf, saved, converted = _configs(p)
+    ckpt = open_checkpoint(path)  # the same checks (and messages) as loading it
+    path, hf, saved = ckpt.spec, ckpt.hf_config, ckpt.mc_config
     # Costs come from the config; the weights' headers (names only, nothing loaded) say
     # whether it is the config of these weights: an edited layer count is refused here as
     # it is on load, rather than costed.
-    check_layer_count(hf, _header_shapes([p] if p.is_file() else weight_files(p)), str(path))
+    check_layer_count(hf, _header_shapes(ckpt.weight_files), path)
     if saved is not None and mc_config is not None:
         # A converted model's costs follow its own mc_config.json; describing it under other
         # options would be a report about a model that does not exist.
@@ -80,7 +64,7 @@ def describe(path, mc_config: MCConfig | None = None) -> Description:
     else:  # log: a 1K-token call is one power of two, kept open
         per_1k = float(bin(TOKENS).count("1") - 1)
     return Description(
-        path=str(path), family=adapter.family, converted=converted, num_layers=n_layers, mc_layers=layers,
+        path=path, family=adapter.family, converted=ckpt.converted, num_layers=n_layers, mc_layers=layers,
         state_shapes=info.shapes, state_bytes=info.state_bytes, summary_bytes=info.summary_bytes,
         segment_bytes=segment_bytes, segments_per_1k=per_1k, cache_bytes_per_1k=per_1k * segment_bytes,
         cache_cap_bytes=None if cfg.max_cached_segments is None else cfg.max_cached_segments * segment_bytes,

@@ -29,6 +29,9 @@ class MCGate(nn.Module):
     cache_weight ``[H]``: mix ``a`` in ``y = o + a (agg - o)`` (0 = the base model).
     log_temperature ``[H]``: gate temperature, ``log`` so it stays positive when tuned.
     connector (``gate_source='learned'``): ``W_u``, d_model -> H * U, zero-initialised.
+    down, up (``gate_source='lowrank'``): ``A`` d_model -> r (small random, seeded by the layer
+    index so conversion never draws from the global RNG), ``B`` r -> H * U (zero): the gate
+    input is the query plus ``x A B``, exactly the query gates until ``B`` is tuned.
     """
 
     def __init__(self, config: MCConfig, layer_idx: int, num_heads: int, key_dim: int, hidden_size: int):
@@ -39,22 +42,31 @@ class MCGate(nn.Module):
         self.key_dim = key_dim
         self.cache_weight = nn.Parameter(torch.full((num_heads,), float(config.cache_weight)))
         self.log_temperature = nn.Parameter(torch.full((num_heads,), math.log(config.temperature)))
+        self.connector = self.down = self.up = None
         if config.gate_source == "learned":
             self.connector = nn.Linear(hidden_size, num_heads * key_dim, bias=False)
             nn.init.zeros_(self.connector.weight)
-        else:
-            self.connector = None
+        elif config.gate_source == "lowrank":
+            self.down = nn.Linear(hidden_size, config.gate_rank, bias=False)
+            self.up = nn.Linear(config.gate_rank, num_heads * key_dim, bias=False)
+            with torch.no_grad():
+                g = torch.Generator().manual_seed(layer_idx)
+                self.down.weight.copy_(torch.randn(self.down.weight.shape, generator=g) / math.sqrt(hidden_size))
+                self.up.weight.zero_()
 
     def gate_scale(self) -> torch.Tensor:
         return 1.0 / (math.sqrt(self.key_dim) * self.log_temperature.exp())
 
     def gate_input(self, query: torch.Tensor, hidden: torch.Tensor | None) -> torch.Tensor:
-        """``u_t``: the layer's own query, or ``x_t W_u`` for the learned connector."""
-        if self.connector is None:
+        """``u_t``: the layer's own query, ``q_t + x_t A B`` (lowrank) or ``x_t W_u`` (learned)."""
+        if self.connector is None and self.up is None:
             return query
         if hidden is None:
-            raise RuntimeError("learned gate needs the layer input; the pre-hook did not record it")
+            raise RuntimeError(f"{self.config.gate_source} gate needs the layer input; the pre-hook did not record it")
         B, T = hidden.shape[:2]
+        if self.up is not None:
+            x = hidden.to(self.down.weight.dtype)
+            return query + self.up(self.down(x)).view(B, T, self.num_heads, self.key_dim).to(query.dtype)
         return self.connector(hidden.to(self.connector.weight.dtype)).view(B, T, self.num_heads, self.key_dim)
 
     def extra_repr(self) -> str:
@@ -148,3 +160,10 @@ def attach(mixer: nn.Module, gate: MCGate, cache_of, padding: bool = False) -> l
         mixer.register_forward_pre_hook(pre, with_kwargs=True),
         mixer.register_forward_hook(post, with_kwargs=True, always_call=True),
     ]
+
+
+def detach(mixer: nn.Module) -> None:
+    """Undo :func:`attach` on ``mixer`` (its hooks go with their handles): the gate and the
+    running-layer token the pre-hook leaves are removed."""
+    del mixer.mc_gate
+    mixer.__dict__.pop("_mc_token", None)

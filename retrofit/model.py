@@ -8,25 +8,26 @@ and MC configs in its metadata.
 from __future__ import annotations
 
 import contextlib
-import json
+import contextvars
+import functools
 import logging
-import os
 import shutil
-import types
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, load_model, save_file, save_model
 
-from .config import CONFIG_NAME, MCConfig
+# What a path holds is decided in checkpoints.py; the names stay importable from here.
+from .checkpoints import (EXPORT_FORMAT, GATES_NAME, Checkpoint, config_from_dict,  # noqa: F401
+                          export_metadata, exports_to_file, open_checkpoint, read_hf_config, resolve_path,
+                          weight_files)
+from . import compat
+from .checkpoints import first_line as _first_line
+from .config import MCConfig
 from .errors import MCError
 from .files import atomic_dir, atomic_file
-from .layer import MCGate, attach
-
-GATES_NAME = "mc_gates.safetensors"
-EXPORT_FORMAT = "mc-retrofit/1"
-BUILTIN_PREFIX = "builtin:"
+from .layer import MCGate, attach, detach
 
 
 def _adapters():
@@ -40,12 +41,89 @@ def adapter_of(model):
 
 
 # -- convert -------------------------------------------------------------------
+class MCState:
+    """Everything ``convert`` adds to a model, in one place: ``model.mc``.
+
+    config: the :class:`MCConfig` (with its family); hooks: the handles of the hooks it
+    registered; source_dir: the checkpoint directory the base came from (``load_base``'s
+    note, moved here: ``save`` carries its side files and never writes over it); changed:
+    ``(module, attribute, value before)`` for each plain setting convert changed (e.g. an fla
+    layer's attention mode), so ``unconvert`` can put it back.
+
+    A copy of a converted model (``copy.deepcopy``) is a live conversion too: its state
+    installs the family's patches and holds them like ``convert`` does."""
+
+    def __init__(self, config: MCConfig, hooks: list, source_dir: str | None, changed: list):
+        self.config, self.hooks, self.source_dir, self.changed = config, hooks, source_dir, changed
+        _hold(self)
+
+    @property
+    def family(self) -> str:
+        return self.config.family
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        _adapters().adapter_by_family(self.family).install()
+        _hold(self)
+
+    def __repr__(self) -> str:
+        return f"MCState(family={self.family!r}, hooks={len(self.hooks)}, source_dir={self.source_dir!r})"
+
+
+def _hold(state: MCState) -> None:
+    compat.install(SAVE_PATCHES)
+    compat.hold("mc", state)
+
+
+def mc_state(model) -> MCState | None:
+    """The Memory Caching state of a converted model (``model.mc``), or None."""
+    state = getattr(model, "__dict__", {}).get("mc")
+    return state if isinstance(state, MCState) else None
+
+
+def require_converted(model, what: str = "model is not converted") -> MCState:
+    state = mc_state(model)
+    if state is None:
+        raise MCError(f"{what}; call mc_retrofit.convert(model, MCConfig(...)) first")
+    return state
+
+
+_PLAIN = (str, int, float, bool, type(None))
+_MISSING = object()
+
+
+def _settings(model) -> dict:
+    """Every module's plain public settings (``mode`` ...), to see what convert changes."""
+    return {m: {k: v for k, v in vars(m).items() if not k.startswith("_") and isinstance(v, _PLAIN)}
+            for m in model.modules()}
+
+
+def _changes(before: dict, model) -> list:
+    """(module, attribute, value before or _MISSING) for each setting that differs now."""
+    out = []
+    for module, now in _settings(model).items():
+        if module not in before:
+            continue  # added by convert (the gates): they go as a whole
+        was = before[module]
+        out += [(module, k, was.get(k, _MISSING)) for k in now if was.get(k, _MISSING) != now[k]]
+    return out
+
+
+def _restore(changed: list) -> None:
+    for module, key, old in reversed(changed):
+        if old is _MISSING:
+            module.__dict__.pop(key, None)
+        else:
+            setattr(module, key, old)
+
+
 def convert(model, config: MCConfig | None = None):
     """Wrap every (selected) recurrent layer of ``model`` with Memory Caching, in place.
 
     Returns the same model. Its original weights are untouched; the new gate parameters
-    (``mc_gate`` on each mixer) start from ``config``'s values. ``config`` is an
-    :class:`MCConfig` or a dict of its fields (as PEFT's ``get_peft_model`` takes)."""
+    (``mc_gate`` on each mixer) start from ``config``'s values; ``model.mc`` holds the rest
+    (:class:`MCState`). ``config`` is an :class:`MCConfig` or a dict of its fields (as
+    PEFT's ``get_peft_model`` takes). :func:`unconvert` gives the base model back."""
     if config is None:
         config = MCConfig()
     elif isinstance(config, dict):
@@ -56,15 +134,17 @@ def convert(model, config: MCConfig | None = None):
         hint = " (load a checkpoint with mc_retrofit.load_base(path) first)" if isinstance(model, (str, Path)) else ""
         raise MCError(f"convert takes a transformers model (a torch module with a .config), not "
                       f"{type(model).__name__}{hint}")
-    if getattr(model, "mc_config", None) is not None:
+    if mc_state(model) is not None:
         raise MCError("this model is already converted; load the original to convert it again")
     adapter = adapter_of(model)
     adapter.install()
+    before = _settings(model)
     mixers = adapter.mixers(model)
     if config.layers is not None:
         valid = [i for i, _ in mixers]  # model layer indices (hybrids skip their attention layers)
         bad = [i for i in config.layers if i not in valid]
         if bad:
+            _restore(_changes(before, model))
             raise MCError(f"layers {bad} do not exist or are not recurrent: recurrent layers are {valid}")
     config = MCConfig.from_dict({**config.to_dict(), "family": adapter.family})
     hooks = []
@@ -79,10 +159,29 @@ def convert(model, config: MCConfig | None = None):
     from .segments import check_finite_output
 
     hooks.append(model.base_model.register_forward_hook(check_finite_output))
-    model.mc_config = config
-    model._mc_hooks = hooks
-    # save_pretrained keeps working: it writes a converted directory.
-    model.save_pretrained = types.MethodType(save_converted, model)
+    changed = _changes(before, model)
+    model.mc = MCState(config, hooks, model.__dict__.pop("mc_source_dir", None), changed)
+    return model
+
+
+def unconvert(model):
+    """Undo :func:`convert` in place and return the same model, exactly the base again: the
+    gates, hooks and every attribute convert set are gone, the settings it changed are back
+    (its state_dict and forward are the original's). When no converted model is left in the
+    process, the op wrappers are uninstalled: transformers and fla as imported (fla's CPU
+    routing stays: an fla model needs it to run on CPU at all; see compat.uninstall_patches)."""
+    state = mc_state(model)
+    if state is None:
+        raise MCError("this model is not converted: there is nothing to unconvert")
+    for handle in state.hooks:
+        handle.remove()
+    for mixer in [m for m in model.modules() if isinstance(getattr(m, "mc_gate", None), MCGate)]:
+        detach(mixer)
+    _restore(state.changed)
+    del model.mc
+    if state.source_dir is not None:
+        model.mc_source_dir = state.source_dir  # load_base's note, as it was before convert
+    compat.release("mc", state)
     return model
 
 
@@ -115,20 +214,50 @@ def _gates_detached(model):
 
 
 # -- save / load -------------------------------------------------------------------
+# Set while save_converted has transformers write the base: save_pretrained runs as it is.
+_SAVING_BASE: contextvars.ContextVar[bool] = contextvars.ContextVar("mc_saving_base", default=False)
+
+
 def save_converted(model, directory, force: bool = False, **kwargs):
-    """Write a converted directory atomically (config, weights, mc_config, gates)."""
-    if getattr(model, "mc_config", None) is None:
-        raise MCError("model is not converted; call mc_retrofit.convert(model, MCConfig(...)) first")
+    """Write a converted directory atomically (config, weights, mc_config, gates).
+    ``mc_retrofit.save``; a converted model's ``save_pretrained`` comes here too."""
+    state = require_converted(model)
     adapter_of(model).prepare_save(model)
     gates = {k: v.detach().contiguous().cpu() for k, v in gate_state_dict(model).items()}
     # The source checkpoint is never written over (its own side files would be lost).
-    with atomic_dir(directory, force=force, kind="converted", sources=[getattr(model, "mc_source_dir", None)]) as tmp:
-        with _gates_detached(model), _quiet_transformers():
-            type(model).save_pretrained(model, tmp, **kwargs)
-        model.mc_config.save(tmp)
-        _copy_side_files(getattr(model, "mc_source_dir", None), tmp)
+    with atomic_dir(directory, force=force, kind="converted", sources=[state.source_dir]) as tmp:
+        token = _SAVING_BASE.set(True)
+        try:
+            with _gates_detached(model), _quiet_transformers():
+                type(model).save_pretrained(model, tmp, **kwargs)
+        finally:
+            _SAVING_BASE.reset(token)
+        state.config.save(tmp)
+        _copy_side_files(state.source_dir, tmp)
         save_file(gates, str(tmp / GATES_NAME), metadata={"format": "pt", "mc_retrofit": EXPORT_FORMAT})
     return Path(directory)
+
+
+save = save_converted
+
+
+def _save_converted_too(original):
+    @functools.wraps(original)
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        if _SAVING_BASE.get() or mc_state(self) is None:
+            return original(self, save_directory, *args, **kwargs)
+        return save_converted(self, save_directory, *args, **kwargs)
+
+    return save_pretrained
+
+
+# transformers has no extension point for writing extra files or for atomic saves, and
+# convert must not rebind a method on the user's object: the class's save_pretrained sends
+# converted models (those with ``model.mc``) to save_converted, every other model through
+# unchanged. Installed with the first conversion, gone with the last ("mc" layer).
+SAVE_PATCHES = [compat.Patch(
+    "transformers.modeling_utils:PreTrainedModel", "save_pretrained", _save_converted_too, layer="mc", group="save",
+    why="a converted model's save_pretrained writes a converted directory (mc_retrofit.save), never the base alone")]
 
 
 # Files a checkpoint directory may carry that the model's own save does not write.
@@ -143,52 +272,6 @@ def _copy_side_files(source, target: Path) -> None:
         src = Path(source) / name
         if src.is_file() and not (target / name).exists():
             shutil.copyfile(src, target / name)
-
-
-def resolve_path(path: str | Path) -> Path:
-    """A path on disk, or a ``builtin:NAME`` checkpoint shipped with the package."""
-    if not isinstance(path, (str, os.PathLike)):  # str() of a model object is a 1 KB "file name"
-        raise MCError(f"expected a path (a directory, a .safetensors file or builtin:NAME), not {type(path).__name__}")
-    text = str(path)
-    if text.startswith(BUILTIN_PREFIX):
-        from .builtin import builtin_path
-
-        return builtin_path(text[len(BUILTIN_PREFIX):])
-    p = Path(text)
-    if not p.exists():
-        raise MCError(f"{p} does not exist")
-    return p
-
-
-def read_hf_config(directory: Path):
-    """The transformers config of a Hugging Face-format directory, with clear errors."""
-    cfg_path = directory / "config.json"
-    if not directory.is_dir():
-        raise MCError(f"{directory} is not a directory of a Hugging Face-format model")
-    if not cfg_path.is_file():
-        raise MCError(f"{directory} has no config.json: not a Hugging Face-format model directory")
-    try:
-        data = json.loads(cfg_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise MCError(f"{cfg_path} is not valid JSON ({e}); the file is broken") from None
-    return config_from_dict(data, where=str(cfg_path))
-
-
-def config_from_dict(data: dict, where: str = "config"):
-    if not isinstance(data, dict) or "model_type" not in data:
-        raise MCError(f"{where} has no model_type: not a Hugging Face model config")
-    probe = types.SimpleNamespace(model_type=data["model_type"])
-    adapter = _adapters().adapter_for(probe)
-    cls = adapter.model_class().config_class
-    try:
-        return cls.from_dict(cls._decode_special_floats(data))  # {"__float__": "Infinity"} -> inf
-    except Exception as e:  # noqa: BLE001 - surface as one line
-        raise MCError(f"{where} could not be read as a {adapter.family} config: {_first_line(e)}") from None
-
-
-def _first_line(e: Exception) -> str:
-    text = str(e).strip().splitlines()
-    return text[0] if text else type(e).__name__
 
 
 @contextlib.contextmanager
@@ -246,11 +329,6 @@ def check_layer_count(config, names, where: str) -> None:
                       f"hold {held}; the config does not belong to these weights (edited, or from another model)")
 
 
-def weight_files(directory: Path) -> list[Path]:
-    """A checkpoint directory's safetensors weight files (the MC gates are not weights)."""
-    return sorted(p for p in directory.glob("*.safetensors") if p.name != GATES_NAME)
-
-
 def _check_against_config(config, adapter, shapes: dict, where: str, exact_names: bool) -> None:
     """Refuse a config that does not describe these tensors, before building the model.
 
@@ -281,11 +359,15 @@ def _check_against_config(config, adapter, shapes: dict, where: str, exact_names
                           "the config does not belong to these weights")
 
 
-def load_base(path: str | Path, dtype: torch.dtype | None = None):
-    """Load an original (unconverted) Hugging Face-format checkpoint of a supported family."""
+def load_base(path: str | Path | Checkpoint, dtype: torch.dtype | None = None):
+    """Load an original (unconverted) Hugging Face-format checkpoint of a supported family
+    (of a converted directory: its base model, without the MC gates)."""
     _not_a_model(path, "load_base")
-    directory = resolve_path(path)
-    config = read_hf_config(directory)
+    ckpt = open_checkpoint(path)
+    if ckpt.exported:
+        raise MCError(f"{ckpt.path} is an exported mc-retrofit file, not a Hugging Face-format model directory; "
+                      "load it with mc_retrofit.load(path)")
+    directory, config = ckpt.path, ckpt.hf_config
     adapter = _adapters().adapter_for(config)
     weights = [p for p in directory.iterdir() if p.suffix in (".safetensors", ".bin") and p.name != GATES_NAME]
     if not weights:
@@ -331,21 +413,19 @@ def _not_a_model(path, fn: str) -> None:
                       "in memory, call mc_retrofit.convert(model, config)")
 
 
-def load(path: str | Path, dtype: torch.dtype | None = None):
+def load(path: str | Path | Checkpoint, dtype: torch.dtype | None = None):
     """Load a converted directory or an exported ``.safetensors`` file: a ready
     transformers model with Memory Caching applied."""
     _not_a_model(path, "load")
-    p = resolve_path(path)
-    if p.is_file():
-        return _load_exported(p, dtype=dtype)
-    if not (p / CONFIG_NAME).is_file():
-        if (p / "config.json").is_file():
-            raise MCError(f"{p} is an original checkpoint, not a converted one; run `mc-retrofit convert {p} --out DIR`")
-        raise MCError(f"{p} is neither a converted mc-retrofit directory nor an exported .safetensors file")
-    mc_config = MCConfig.load(p)
+    ckpt = open_checkpoint(path)
+    p = ckpt.path
+    if ckpt.exported:
+        return _load_exported(ckpt, dtype=dtype)
+    if not ckpt.converted:
+        raise MCError(f"{p} is an original checkpoint, not a converted one; run `mc-retrofit convert {p} --out DIR`")
     gates_file = p / GATES_NAME
     gates = _read_safetensors(gates_file) if gates_file.is_file() else None  # fail early, before the weights
-    model = convert(load_base(p, dtype=dtype), mc_config)
+    model = convert(load_base(ckpt, dtype=dtype), ckpt.mc_config)
     if gate_modules(model):
         if gates is None:
             raise MCError(f"{gates_file} is missing; the converted directory is incomplete")
@@ -390,61 +470,25 @@ def export(model, out: str | Path, force: bool = False) -> Path:
     out = Path(out)
     if not exports_to_file(out):
         return save_converted(model, out, force=force)
-    if getattr(model, "mc_config", None) is None:
-        raise MCError("model is not converted; nothing to export")
+    state = require_converted(model, "model is not converted, so there is nothing to export")
     adapter_of(model).prepare_save(model)
     metadata = {
         "format": "pt",
         "mc_retrofit": EXPORT_FORMAT,
-        "mc_config": model.mc_config.to_json(),
+        "mc_config": state.config.to_json(),
         "hf_config": model.config.to_json_string(use_diff=False),
     }
-    with atomic_file(out, force=force, kind="exported", sources=[getattr(model, "mc_source_dir", None)]) as tmp:
+    with atomic_file(out, force=force, kind="exported", sources=[state.source_dir]) as tmp:
         save_model(model, str(tmp), metadata=metadata)
     return out
-
-
-def exports_to_file(out: str | Path) -> bool:
-    """``export`` writes one file when ``out`` ends in .safetensors, in any case (E.SAFETENSORS
-    too: a directory by that name would surprise), else a converted directory."""
-    return Path(out).suffix.lower() == ".safetensors"
 
 
 # safetensors header dtype names of the float types a model is saved in.
 _SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
 
 
-def export_metadata(path: Path) -> dict:
-    """The metadata of a file ``export`` wrote, or one line saying why it is not one."""
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-    except Exception as e:  # noqa: BLE001
-        raise MCError(f"{path} is not a readable safetensors file ({_first_line(e)}); it may be corrupted") from None
-    fmt = meta.get("mc_retrofit")
-    if fmt is None:
-        raise MCError(f"{path} was not exported by mc-retrofit (no mc_retrofit metadata)")
-    if fmt != EXPORT_FORMAT:
-        if fmt.startswith("mc-retrofit/"):  # another version of this format: say which, not "not ours"
-            raise MCError(f"{path} was exported in format {fmt}; this mc-retrofit reads {EXPORT_FORMAT}: "
-                          "upgrade mc-retrofit (pip install -U mc-retrofit), or export it again with this version")
-        raise MCError(f"{path} has mc_retrofit metadata {fmt!r}, not a format mc-retrofit knows ({EXPORT_FORMAT})")
-    for key in ("hf_config", "mc_config"):
-        if key not in meta:  # a default MCConfig in place of a missing one would be a different model
-            raise MCError(f"{path} has no {key} in its metadata; the file is incomplete or was altered")
-    return meta
-
-
-def _load_exported(path: Path, dtype: torch.dtype | None = None):
-    if not exports_to_file(path):  # the suffix in any case, as export writes it
-        raise MCError(f"{path} is not a .safetensors file exported by mc-retrofit")
-    meta = export_metadata(path)
-    try:
-        hf = json.loads(meta["hf_config"])
-    except json.JSONDecodeError:
-        raise MCError(f"{path} has no readable model config in its metadata") from None
-    config = config_from_dict(hf, where=str(path))
-    mc_config = MCConfig.from_json(meta["mc_config"])
+def _load_exported(ckpt: Checkpoint, dtype: torch.dtype | None = None):
+    path, config, mc_config = ckpt.path, ckpt.hf_config, ckpt.mc_config  # metadata read once, by open_checkpoint
     adapter = _adapters().adapter_for(config)
     shapes = _header_shapes([path])
     _check_against_config(config, adapter, shapes, str(path), exact_names=True)

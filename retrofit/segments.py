@@ -1,28 +1,102 @@
-"""The segment loop every linear-memory adapter shares.
+"""The segment loop every adapter shares.
 
-An adapter hands over its layer's query and keys in a common shape plus a callable
-that runs the family's own recurrence over a slice of tokens from a given state. The
-loop runs segment by segment (checkpoint mode: the state is carried, never reset),
-caches each boundary state with its mean-pooled keys, and lets every token read the
-segments completed before its own.
+An adapter's op wrapper hands over one :class:`Recurrence`: its layer's query and keys in a
+common shape, the state entering the call, and the family's own recurrence over a slice of
+tokens (``run``), the copy a cached segment keeps (``snapshot``), the read of the cached
+memories (``read``; :class:`LinearRecurrence` for memories read by ``q^T S``) and,
+optionally, every boundary state in one pass (``capture``). The loop runs segment by
+segment (checkpoint mode: the state is carried, never reset), caches each boundary state
+with its mean-pooled keys, and lets every token read the segments completed before its own.
+The read-out's inputs are :class:`mc_retrofit.core.ReadInputs`, dispatched by
+``mc_retrofit.kernels.readout`` (Triton on CUDA, the reference elsewhere).
 """
 from __future__ import annotations
 
 import os
-from typing import Callable
+from dataclasses import dataclass
 
 import torch
 
-from .core import batch_pieces, readout_reference
+from mc_retrofit.kernels import readout
+
+from .core import ReadInputs, batch_pieces
 from .errors import MCError
 from .layer import LayerRun
 from .memory import LayerMemory
 
-# run_piece(start, end, state) -> (online output [B, end-start, H, V], state after end)
-RunPiece = Callable[[int, int, object], tuple[torch.Tensor, object]]
-# capture(state, segment_size) -> (online output [B, T, H, V], final state, boundary states
-# [B, T // segment_size, ...] cached-state layout): the whole call in one pass
-Capture = Callable[[object, int], tuple[torch.Tensor, object, torch.Tensor]]
+
+@dataclass
+class Span:
+    """What the loop hands a family's read for tokens ``start:end`` of the call."""
+
+    online: object  # the family op's own output for these tokens (``[B, t, H, V]`` for linear memories)
+    start: int
+    end: int
+    u: torch.Tensor | None  # gate input ``[B, t, H, U]`` (None when nothing cached is read)
+    online_pool: torch.Tensor | None  # running mean of the open segment's keys ``[B, t, H, U]``
+    n_visible: torch.Tensor  # cached segments each token may read: ``[t]`` or ``[B, t]``
+
+
+class Recurrence:
+    """One call of a family's recurrent op, as the segment loop sees it.
+
+    An adapter's op wrapper builds one per call: ``query`` ``[B,T,H,U]`` is the
+    parameter-free gate input (the layer's own query), ``keys`` ``[B,T,H,U]`` what a
+    segment's summary pools (head groups already expanded), ``state`` the recurrent
+    state entering the call (family layout, or None). Subclasses implement :meth:`run`
+    and :meth:`read`; :meth:`snapshot` and :meth:`capture` have defaults.
+    """
+
+    def __init__(self, query: torch.Tensor, keys: torch.Tensor, state=None):
+        self.query, self.keys, self.state = query, keys, state
+
+    def run(self, start: int, end: int, state) -> tuple[object, object]:
+        """The family op over tokens ``start:end`` from ``state``: (online output, state after ``end``)."""
+        raise NotImplementedError
+
+    def snapshot(self, state) -> torch.Tensor:
+        """The copy of ``state`` a cached segment keeps (fp32, ``[B, ...]``)."""
+        return state.float().clone()
+
+    def read(self, run: LayerRun, span: Span) -> torch.Tensor:
+        """Combine ``span.online`` with the cached memories of ``run.memory``."""
+        raise NotImplementedError
+
+    def capture(self, state, segment_size: int):
+        """The whole call in one pass: (online output ``[B,T,H,V]``, final state, boundary
+        states ``[B, T // segment_size, ...]`` in :meth:`snapshot`'s layout), or None when
+        this call cannot be captured (the loop then runs segment by segment)."""
+        return None
+
+
+class LinearRecurrence(Recurrence):
+    """A linear memory read by its query: ``scale * q_t^T S_i``, aggregated with the gates.
+
+    Cached states are ``[B,H,K,V]`` (``layout='kv'``) or ``[B,H,V,K]`` (``'vk'``)."""
+
+    scale: float = 1.0
+    layout: str = "kv"
+
+    def read(self, run, span):
+        mem, gate, cfg = run.memory, run.gate, run.gate.config
+        return readout(ReadInputs(
+            q=self.query[:, span.start:span.end], states=mem.states, online=span.online, u=span.u,
+            pooled=mem.pooled, online_pool=span.online_pool, n_visible=span.n_visible,
+            aggregation=cfg.aggregation, top_k=cfg.top_k, scale=self.scale, gate_scale=gate.gate_scale(),
+            mix=gate.cache_weight, online_bias=cfg.online_bias, layout=self.layout,
+        ))
+
+
+class Stepped(LinearRecurrence):
+    """A one-token call whose op already ran (decoding ops update their state in place):
+    ``run`` hands back its output and state."""
+
+    def __init__(self, query, keys, state, online, *, layout="kv"):
+        super().__init__(query, keys, state)
+        self.online, self.layout = online, layout
+
+    def run(self, start, end, state):
+        return self.online, state
 
 
 def use_one_pass(device: torch.device) -> bool:
@@ -37,51 +111,15 @@ def use_one_pass(device: torch.device) -> bool:
     return device.type == "cuda"
 
 
-def readout(*args, **kwargs):
-    """Dispatch point for the fused read-out (Triton on CUDA when available)."""
-    try:
-        from mc_retrofit.kernels import readout as kernel_readout
-    except ImportError:  # kernels package not importable: reference path
-        return readout_reference(*args, **kwargs)
-    return kernel_readout(*args, **kwargs)
+def run_segments(run: LayerRun, rec: Recurrence):
+    """Memory Caching over one call of a layer, for the family call ``rec``. Returns (output, final state).
 
-
-def linear_read(q: torch.Tensor, *, scale: float, layout: str):
-    """The read for linear memories: ``scale * q_t^T S_i``, aggregated with the gates.
-
-    q ``[B,T,H,K]``; cached states are ``[B,H,K,V]`` (``layout='kv'``) or ``[B,H,V,K]``."""
-
-    def read(run: LayerRun, o, a, b, u, online_pool, n_visible):
-        mem, gate, cfg = run.memory, run.gate, run.gate.config
-        return readout(
-            q[:, a:b], mem.states, o, u, mem.pooled, online_pool, n_visible,
-            aggregation=cfg.aggregation, top_k=cfg.top_k, scale=scale,
-            gate_scale=gate.gate_scale(), mix=gate.cache_weight, online_bias=cfg.online_bias, layout=layout,
-        )
-
-    return read
-
-
-def run_segments(
-    run: LayerRun,
-    query: torch.Tensor,
-    k: torch.Tensor,
-    run_piece: RunPiece,
-    state,
-    snapshot: Callable[[object], torch.Tensor],
-    read,
-    capture: Capture | None = None,
-):
-    """Memory Caching over one call of a layer.
-
-    query ``[B,T,H,U]`` is the parameter-free gate input (the layer's own query); k
-    ``[B,T,H,U]`` the keys that summarise a segment (head groups already expanded);
-    ``state`` the recurrent state entering the call (family layout, or None);
-    ``snapshot(state)`` a detached copy of it to cache; ``read(run, o, a, b, u,
-    online_pool, n_visible)`` combines the online output ``o`` of tokens ``a:b`` with the
-    cached memories (see :func:`linear_read`). ``capture`` (optional, see :data:`Capture`)
-    lets a call that starts on a segment boundary run in one pass instead of one op call
-    per segment (:func:`use_one_pass`). Returns (output, final state).
+    The loop runs segment by segment (checkpoint mode: the state is carried, never reset),
+    caches each boundary state (:meth:`Recurrence.snapshot`) with its mean-pooled keys,
+    and lets every token read the segments completed before its own
+    (:meth:`Recurrence.read`). A call that starts on a segment boundary runs in one pass
+    instead, when the family can capture its boundary states (:meth:`Recurrence.capture`,
+    :func:`use_one_pass`).
 
     A layer whose cache weights are all exactly 0 returns the base model's output bit for
     bit: the family's op runs over the whole call at once, as in the base model (the
@@ -89,18 +127,18 @@ def run_segments(
     about 1e-6 off). When the gates are being trained from 0 (``finetune``'s start), the
     segment loop runs as well and supplies the gradient (its value still the base model's exactly).
     """
-    run.memory.bind(k.shape[0])
+    run.memory.bind(rec.keys.shape[0])
     if _all_zero(run.gate):
-        base_y, base_state = _run_whole(run, k, run_piece, state, read)
+        base_y, base_state = _run_whole(run, rec)
         if not _needs_grad(run.gate):
-            run.memory.pass_over(k.shape[1], run.valid)
+            run.memory.pass_over(rec.keys.shape[1], run.valid)
             return base_y, base_state
-        y, _ = _run_mc(run, query, k, run_piece, state, snapshot, read, capture)
+        y, _ = _run_mc(run, rec)
         # Value: the base model's, exactly (y - y.detach() is exactly 0 for finite y).
         # Gradient: the MC formula's (d y / d cache_weight = agg - o), as without this path.
         # The state returned is the base model's; the memory holds the loop's segments.
         return base_y.detach() + (y - y.detach()), base_state
-    return _run_mc(run, query, k, run_piece, state, snapshot, read, capture)
+    return _run_mc(run, rec)
 
 
 def _all_zero(gate) -> bool:
@@ -112,42 +150,45 @@ def _needs_grad(gate) -> bool:
     return torch.is_grad_enabled() and any(p.requires_grad for p in gate.parameters())
 
 
-def _run_whole(run: LayerRun, k, run_piece: RunPiece, state, read):
+def _run_whole(run: LayerRun, rec: Recurrence):
     """The base model's computation: the family's op over the whole call, read against an
     empty memory (which returns the online output as it is, never looking at the gate
     inputs, hence the Nones)."""
-    T = k.shape[1]
-    o, state = run_piece(0, T, state)
+    T = rec.keys.shape[1]
+    o, state = rec.run(0, T, rec.state)
     empty = LayerRun(gate=run.gate, memory=LayerMemory(), hidden=run.hidden, cache=None, valid=run.valid)
-    nv = torch.zeros(T, dtype=torch.long, device=k.device)
-    return read(empty, o, 0, T, None, None, nv), state
+    nv = torch.zeros(T, dtype=torch.long, device=rec.keys.device)
+    return rec.read(empty, Span(o, 0, T, None, None, nv)), state
 
 
-def _run_mc(run: LayerRun, query, k, run_piece: RunPiece, state, snapshot, read, capture):
+def _run_mc(run: LayerRun, rec: Recurrence):
     gate, mem, cfg = run.gate, run.memory, run.gate.config
+    k, state = rec.keys, rec.state
     B, T = k.shape[:2]
     if mem.gap:
         raise MCError(f"layer {gate.layer_idx}: this cache was filled while the layer's cache weights were 0, so it "
                       f"holds no cached segment of its first {mem.gap} tokens; after changing a cache weight, start "
                       "a new cache (a fresh forward or generate call)")
-    u = gate.gate_input(query, run.hidden)
+    u = gate.gate_input(rec.query, run.hidden)
     valid = run.valid  # [B, T] real tokens of a left-padded batch, or None
-    if capture is not None and _one_pass_applies(mem, cfg, valid, T, k.device):
-        return _run_one_pass(run, k, u, state, read, capture)
+    if _one_pass_applies(mem, cfg, valid, T, k.device):
+        captured = rec.capture(state, cfg.segment_size)
+        if captured is not None:
+            return _run_one_pass(run, rec, u, captured)
     starts = [0] * B if valid is None else (T - valid.sum(1)).tolist()
     close_before, spans = batch_pieces(mem.real, mem.seg_fill, starts, T, cfg.segmentation, cfg.segment_size)
     if close_before and state is not None:
-        mem.close(snapshot(state), close_before)
+        mem.close(rec.snapshot(state), close_before)
     outs = []
     for a, b, closing in spans:
-        o, state = run_piece(a, b, state)
+        o, state = rec.run(a, b, state)
         v = None if valid is None else valid[:, a:b]
         nv = mem.visible(b - a, k.device)
         online_pool = mem.running_pool(k[:, a:b], v)
-        outs.append(read(run, o, a, b, u[:, a:b], online_pool, nv))
+        outs.append(rec.read(run, Span(o, a, b, u[:, a:b], online_pool, nv)))
         mem.add_keys(k[:, a:b], v)
         if closing:
-            mem.close(snapshot(state), closing)
+            mem.close(rec.snapshot(state), closing)
     return (outs[0] if len(outs) == 1 else torch.cat(outs, 1)), state
 
 
@@ -162,13 +203,13 @@ def _one_pass_applies(mem, cfg, valid, T: int, device) -> bool:
     )
 
 
-def _run_one_pass(run: LayerRun, k, u, state, read, capture):
+def _run_one_pass(run: LayerRun, rec: Recurrence, u, captured):
     """The whole call at once: the family op once, the boundary states from the capture,
     then one read-out where token t sees the segments closed before its own."""
-    mem, C = run.memory, run.gate.config.segment_size
+    mem, C, k = run.memory, run.gate.config.segment_size, rec.keys
     B, T, H, U = k.shape
     n_full, n_seg = T // C, -(-T // C)
-    o, final, bounds = capture(state, C)
+    o, final, bounds = captured
     kf = k.float()
     if n_seg * C > T:
         kf = torch.cat([kf, kf.new_zeros(B, n_seg * C - T, H, U)], 1)
@@ -178,7 +219,7 @@ def _run_one_pass(run: LayerRun, k, u, state, read, capture):
     n_before = mem.n
     mem.extend(bounds, kf[:, :n_full].mean(2), n_full * C)
     nv = n_before + torch.arange(T, device=k.device) // C
-    y = read(run, o, 0, T, u, online_pool, nv)
+    y = rec.read(run, Span(o, 0, T, u, online_pool, nv))
     if T > n_full * C:  # the open tail segment
         mem.add_keys(k[:, n_full * C:])
     return y, final

@@ -10,6 +10,9 @@ Text (byte-level, token = UTF-8 byte; the Gutenberg books of ``../shared/data/gu
   except ``EVAL_ONLY``), ``"eval"`` (only ``EVAL_ONLY``) or ``"all"``.
 - ``load_book(name, data_dir=None) -> bytes`` and ``load_corpus(split="train", data_dir=None)
   -> bytes`` (the books of a split joined by blank lines, sorted by name).
+- ``text_files(folder, split="all") -> list[Path]`` and ``read_documents(path, split="all")
+  -> list[(name, bytes)]``: any ``.txt`` file or folder, listed and read the same way for
+  training (``finetune --data``), evaluation (``eval --data``) and the recipes.
 - ``eval_slice(name="austen-emma.txt", n_bytes=65536, offset=0, data_dir=None) -> bytes``:
   the fixed held-out slice the checkpoints' bits/byte are measured on.
 - ``unigram_bits_per_byte(train: bytes, test: bytes) -> float``: the baseline a real LM must beat.
@@ -80,16 +83,30 @@ def gutenberg_dir(path: str | Path | None = None) -> Path:
     return path
 
 
-def book_names(split: str = "train", data_dir: str | Path | None = None) -> list[str]:
-    """Book file names of a split: "train" (all but EVAL_ONLY), "eval" (EVAL_ONLY) or "all"."""
+def text_files(folder: str | Path, split: str = "all") -> list[Path]:
+    """The ``*.txt`` files of a folder, sorted by name, of a split: "train" (all but
+    EVAL_ONLY), "eval" (EVAL_ONLY) or "all". The one place a text folder is listed
+    (training, evaluation and the recipes read the same files in the same order)."""
     if split not in ("train", "eval", "all"):
         raise MCError(f"unknown split {split!r}: use train, eval or all")
-    names = sorted(p.name for p in gutenberg_dir(data_dir).glob("*.txt"))
+    files = sorted(Path(folder).glob("*.txt"))
     if split == "train":
-        return [n for n in names if n not in EVAL_ONLY]
+        return [p for p in files if p.name not in EVAL_ONLY]
     if split == "eval":
-        return [n for n in names if n in EVAL_ONLY]
-    return names
+        return [p for p in files if p.name in EVAL_ONLY]
+    return files
+
+
+def read_documents(path: str | Path, split: str = "all") -> list[tuple[str, bytes]]:
+    """``(file name, bytes)`` of a ``.txt`` file, or of a folder's :func:`text_files`."""
+    path = Path(path)
+    files = [path] if path.is_file() else text_files(path, split)
+    return [(p.name, p.read_bytes()) for p in files]
+
+
+def book_names(split: str = "train", data_dir: str | Path | None = None) -> list[str]:
+    """Book file names of a split: "train" (all but EVAL_ONLY), "eval" (EVAL_ONLY) or "all"."""
+    return [p.name for p in text_files(gutenberg_dir(data_dir), split)]
 
 
 def load_book(name: str, data_dir: str | Path | None = None) -> bytes:
@@ -101,7 +118,7 @@ def load_book(name: str, data_dir: str | Path | None = None) -> bytes:
 
 def load_corpus(split: str = "train", data_dir: str | Path | None = None) -> bytes:
     """The books of a split, sorted by name, joined by a blank line."""
-    return b"\n\n".join(load_book(n, data_dir) for n in book_names(split, data_dir))
+    return b"\n\n".join(data for _, data in read_documents(gutenberg_dir(data_dir), split))
 
 
 def eval_slice(name: str = "austen-emma.txt", n_bytes: int = 65536, offset: int = 0,
@@ -257,13 +274,27 @@ def encode(sample: TextSample) -> tuple[torch.Tensor, torch.Tensor]:
     return ids, mask
 
 
+def answer_hits(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """``logits [..., V]`` at answer positions against ``targets [...]``: True where the
+    argmax is the target. Every answer score is built on it: a text answer is right when
+    all its positions hit (teacher-forced argmax, which is exactly when greedy decoding
+    writes it), MQAR recall is the share of queries that hit."""
+    return logits.argmax(-1) == targets.to(logits.device)
+
+
+def answer_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The answer's total negative log-likelihood in nats: ``-log p(target)`` summed over
+    the last (position) axis of ``logits [..., A, V]`` / ``targets [..., A]``."""
+    logp = torch.log_softmax(logits.float(), -1)
+    return -logp.gather(-1, targets.to(logits.device)[..., None])[..., 0].sum(-1)
+
+
 def score_logits(logits: torch.Tensor, sample: TextSample) -> float:
     """1.0 when the argmax of ``logits`` ([L, V] for ``sample.text``, or [L', V] with
     L' >= len(prompt) + len(answer) - 1) gives every answer byte, else 0.0."""
     ids, mask = encode(sample)
-    pred = logits[: len(ids)].argmax(-1)
-    want = ids[1:][mask[:-1]]
-    return float(bool((pred[:-1][mask[:-1]] == want).all()))
+    at = mask[:-1]  # positions whose next token is an answer byte
+    return float(bool(answer_hits(logits[: len(ids) - 1][at], ids[1:][at]).all()))
 
 
 def exact_match(pred: bytes | str, sample: TextSample) -> float:
@@ -363,5 +394,5 @@ def mqar(n: int, seq_len: int, n_pairs: int, vocab_size: int = 128, n_queries: i
 
 def mqar_accuracy(logits: torch.Tensor, batch: MQARBatch) -> float:
     """Share of the scored positions (``batch.mask``) where the argmax of ``logits`` [n, L, V] is the target."""
-    pred = logits.argmax(-1).to(batch.targets.device)
-    return float((pred[batch.mask] == batch.targets[batch.mask]).float().mean())
+    mask = batch.mask.to(logits.device)
+    return float(answer_hits(logits[mask], batch.targets.to(logits.device)[mask]).float().mean())

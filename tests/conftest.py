@@ -25,6 +25,19 @@ def shared_path(*parts) -> Path:
     return p
 
 
+def count_calls(monkeypatch, owner, name: str) -> list:
+    """Replace ``owner.name`` for the test by a spy that appends to the list returned on every
+    call (so a test knows the path it meant to test really ran)."""
+    calls, original = [], getattr(owner, name)
+
+    def spy(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, spy)
+    return calls
+
+
 def tiny_model(family: str, seed: int = 0, **overrides):
     """A tiny randomly initialised model of a transformers family, in eval mode."""
     from transformers import (Mamba2Config, Mamba2ForCausalLM, MambaConfig, MambaForCausalLM, RwkvConfig,

@@ -162,14 +162,14 @@ def test_registered_patches_uninstall_exactly():
     from fla.models.generation_utils import FLAGenerationMixin
 
     before = FLAGenerationMixin.__dict__["prepare_inputs_for_generation"]
-    compat.uninstall_patches()
+    compat.uninstall_patches("compat")  # this layer only: the CPU routing stays for the other tests
     original = FLAGenerationMixin.__dict__["prepare_inputs_for_generation"]
     try:
         compat.fix_fla_generation()
         if compat.generate_passes_cache():
             assert FLAGenerationMixin.__dict__["prepare_inputs_for_generation"] is not original
             assert all(p.where and p.window and p.why for p in compat.PATCHES.values())
-        compat.uninstall_patches()
+        compat.uninstall_patches("compat")
         assert FLAGenerationMixin.__dict__["prepare_inputs_for_generation"] is original
     finally:
         compat.fix_fla_generation()

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from oracles import aggregate
 
 from mc_retrofit import MCConfig, MCError
-from mc_retrofit.core import gate_weights, readout_reference, segment_pieces
+from mc_retrofit.core import ReadInputs, gate_weights, readout_reference, segment_pieces
 
 
 def test_segment_pieces_constant_hand_cases():
@@ -76,8 +76,9 @@ def test_readout_matches_per_token_oracle(B, T, N, H, K, V, agg, top_k, seed, vk
     states = x["states"]
     if vk and states is not None:
         states = states.transpose(-1, -2).contiguous()
-    y = readout_reference(x["q"], states, x["online"], x["u"], x["pooled"], x["online_pool"], nv, aggregation=agg,
-                          top_k=top_k, scale=0.5, gate_scale=gs, mix=mix, online_bias=0.2, layout="vk" if vk else "kv")
+    y = readout_reference(ReadInputs(x["q"], states, x["online"], x["u"], x["pooled"], x["online_pool"], nv,
+                                     aggregation=agg, top_k=top_k, scale=0.5, gate_scale=gs, mix=mix, online_bias=0.2,
+                                     layout="vk" if vk else "kv"))
     for b in range(B):
         for t in range(T):
             n = int(nv[t])
@@ -95,10 +96,10 @@ def test_ssc_with_k_ge_n_equals_gated_and_mix_zero_is_identity(T, N, seed, dtype
     x = _random_inputs(2, T, N, 2, 4, 3, seed, dtype)
     nv = torch.full((T,), N)
     kw = dict(scale=1.0, gate_scale=torch.ones(2), mix=torch.ones(2))
-    gated = readout_reference(*x.values(), nv, aggregation="gated", top_k=1, **kw)
-    ssc = readout_reference(*x.values(), nv, aggregation="ssc", top_k=N, **kw)
+    gated = readout_reference(ReadInputs(*x.values(), nv, aggregation="gated", top_k=1, **kw))
+    ssc = readout_reference(ReadInputs(*x.values(), nv, aggregation="ssc", top_k=N, **kw))
     assert gated.dtype == dtype and torch.equal(gated, ssc)
-    off = readout_reference(*x.values(), nv, aggregation="gated", top_k=1, **{**kw, "mix": torch.zeros(2)})
+    off = readout_reference(ReadInputs(*x.values(), nv, aggregation="gated", top_k=1, **{**kw, "mix": torch.zeros(2)}))
     assert torch.equal(off, x["online"])
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_model
+from conftest import count_calls, tiny_model
 
 import mc_retrofit
 from mc_retrofit import MCConfig, cache_stats
@@ -25,15 +25,7 @@ def captures(monkeypatch):
     """Counts one-pass captures (so a test knows the path it meant to test really ran)."""
     import mc_retrofit.adapters.transformers.mamba2 as mod
 
-    calls = []
-    original = mod.mamba2_boundary_states
-
-    def spy(*args, **kwargs):
-        calls.append(1)
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(mod, "mamba2_boundary_states", spy)
-    return calls
+    return count_calls(monkeypatch, mod, "mamba2_boundary_states")
 
 
 @pytest.mark.parametrize("aggregation", ["residual", "gated", "ssc"])

@@ -45,7 +45,7 @@ def test_save_load_and_export_roundtrip(family, gate_source, tmp_path):
     mc_retrofit.export(loaded, tmp_path / "m.safetensors")
     exported = mc_retrofit.load(tmp_path / "m.safetensors")
     _same(model, exported, x)
-    assert exported.mc_config == model.mc_config
+    assert exported.mc.config == model.mc.config
 
 
 def test_converted_dir_keeps_original_weights(tmp_path):
@@ -76,7 +76,7 @@ def test_inspect_numbers_hand_computed(family, tmp_path):
         state, summary = 64 * 8 * 4, 8 * 4
     else:  # (num, den, max) x 32 channels; one head of width 32
         state, summary = 3 * 32 * 4, 32 * 4
-    assert (d.family, d.num_layers, d.mc_layers, d.converted) == (model.mc_config.family, c.num_hidden_layers, [1], True)
+    assert (d.family, d.num_layers, d.mc_layers, d.converted) == (model.mc.config.family, c.num_hidden_layers, [1], True)
     assert d.state_bytes == state and d.summary_bytes == summary
     assert d.segment_bytes == state + summary  # one MC layer
     assert d.segments_per_1k == 8 and d.cache_bytes_per_1k == 8 * (state + summary)

@@ -22,10 +22,12 @@ from typing import Callable
 import torch
 
 from ... import compat
-from ..base import Adapter, StateInfo, expand_heads, wrap_op
+from ..base import Adapter, StateInfo, expand_heads, op_patch
 from ...errors import MCError
 from ...layer import current
-from ...segments import linear_read, run_segments
+from ...kernels.capture import gated_linear_boundary_states
+from ...segments import LinearRecurrence, run_segments
+from . import chunk
 
 
 def import_fla():
@@ -36,9 +38,16 @@ def import_fla():
     fla_cpu.check_version()
     import fla  # noqa: F401
 
-    fla_cpu.enable()
-    compat.fix_fla_generation()
+    compat.install(support_patches())
     return fla
+
+
+def support_patches() -> list:
+    """What any fla model needs replaced to run here, converted or not: the CPU routing
+    and the generation fix (``compat``'s "fla-cpu" and "compat" layers)."""
+    from . import cpu as fla_cpu
+
+    return [*fla_cpu.patches(), compat.FLA_GENERATION]
 
 
 def l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -57,6 +66,13 @@ class OpSpec:
     keys(args) -> ``[B,T,H,K]``: what a segment's summary pools (same heads as query);
     scale(args) -> the op's read scale; layout: ``kv`` (``[B,H,K,V]``) or ``vk``;
     prepare(args) -> None: refuse options the segment loop cannot honour.
+
+    One-pass boundary capture (:meth:`FlaRecurrence.capture`), one of:
+    linear(args) -> ``dict(k, v, g, gk, gv)``: the op's recurrence as a gated linear one,
+        ``S_t = diag(e^{g_t + gk_t}) S_{t-1} diag(e^{gv_t}) + k_t v_t^T`` (K-first, natural-log
+        decays, ``[B,T,H,...]``), for ``kernels.capture.gated_linear_boundary_states``;
+    chunkwise: on CPU the op's fla_cpu reference runs chunkwise and records the states
+        (``adapters.fla.chunk.capturing``; the delta rules, whose states are not linear in v).
     """
 
     time_args: tuple[str, ...]
@@ -67,6 +83,8 @@ class OpSpec:
     prepare: Callable[[dict], None] | None = None
     fp32_state: bool = False  # the op asserts an fp32 initial state (GLA's chunk op)
     positional: tuple[str, ...] = ()  # passed positionally (callers name them differently)
+    linear: Callable[[dict], dict] | None = None
+    chunkwise: bool = False
 
 
 def _bind(original, args, kwargs) -> dict:
@@ -82,8 +100,48 @@ def _bind(original, args, kwargs) -> dict:
     return out
 
 
+class FlaRecurrence(LinearRecurrence):
+    """One call of an fla core op: ``call`` its bound arguments (without ``initial_state``)."""
+
+    def __init__(self, spec: OpSpec, original, call: dict, state):
+        super().__init__(spec.query(call), spec.keys(call), state)
+        self.spec, self.original, self.call = spec, original, call
+        self.scale, self.layout = spec.scale(call), spec.layout(call)
+
+    def run(self, a, b, state):
+        piece = dict(self.call)
+        if self.spec.fp32_state and state is not None:
+            state = state.float()
+        for name in self.spec.time_args:
+            if piece.get(name) is not None:
+                piece[name] = piece[name][:, a:b]
+        lead = [piece.pop(n) for n in self.spec.positional]
+        return self.original(*lead, **piece, initial_state=state)
+
+    def snapshot(self, state):
+        return state.detach().float().clone()  # fla's recurrent kernels may update a state in place
+
+    def capture(self, state, segment_size):
+        T, v_first = self.keys.shape[1], self.layout == "vk"
+        flip = (lambda s: s.transpose(-1, -2)) if v_first else (lambda s: s)  # noqa: E731  the op's layout <-> K-first
+        if self.spec.linear is not None:
+            o, final = self.run(0, T, state)
+            h0 = None if state is None else flip(state.detach().float())
+            bounds, _ = gated_linear_boundary_states(**self.spec.linear(self.call), initial_state=h0,
+                                                     segment_size=segment_size)
+        elif self.spec.chunkwise and not self.keys.is_cuda:
+            with chunk.capturing(segment_size) as sink:
+                o, final = self.run(0, T, state)
+            if len(sink.states) != T // segment_size:  # the reference kept its recurrent form: no states
+                return None
+            bounds = torch.stack(sink.states, 1)
+        else:  # the delta rules on CUDA: not wired (their fla state kernels are unverified here)
+            return None
+        return o, final, flip(bounds.detach()).contiguous()
+
+
 def mc_op(spec: OpSpec):
-    """A ``wrap_op`` factory: the original op unless a Memory Caching layer runs; inside
+    """An ``op_patch`` factory: the original op unless a Memory Caching layer runs; inside
     one, the segment loop of :func:`run_segments` with the family's linear read."""
 
     def make(original):
@@ -100,23 +158,7 @@ def mc_op(spec: OpSpec):
             want_final = bool(call.get("output_final_state", False))
             init = call.pop("initial_state", None)
             call["output_final_state"] = True
-
-            def run_piece(a, b, state):
-                piece = dict(call)
-                if spec.fp32_state and state is not None:
-                    state = state.float()
-                for name in spec.time_args:
-                    if piece.get(name) is not None:
-                        piece[name] = piece[name][:, a:b]
-                lead = [piece.pop(n) for n in spec.positional]
-                o, final = original(*lead, **piece, initial_state=state)
-                return o, final
-
-            q = spec.query(call)
-            y, final = run_segments(
-                run, q, spec.keys(call), run_piece, init, lambda s: s.detach().float().clone(),
-                linear_read(q, scale=spec.scale(call), layout=spec.layout(call)),
-            )
+            y, final = run_segments(run, FlaRecurrence(spec, original, call, init))
             return y, (final if want_final else None)
 
         return wrapper
@@ -169,13 +211,11 @@ class FlaAdapter(Adapter):
     cache_names = ("past_key_values",)  # fla 0.6 models and layers
     mixer_cache_names = ("past_key_values",)
 
-    def install(self):
-        from . import cpu as fla_cpu
+    def support_patches(self):
+        return support_patches()  # below the op wrappers: their "original" is the CPU/GPU dispatcher
 
-        fla_cpu.enable()  # before wrapping: the MC wrapper's "original" is the CPU/GPU dispatcher
-        compat.fix_fla_generation()
-        for name, spec in self.ops.items():
-            wrap_op(self.layer_module, name, mc_op(spec))
+    def op_patches(self):
+        return [op_patch(self.layer_module, name, mc_op(spec), self.family) for name, spec in self.ops.items()]
 
     # -- dimensions, from a model built on the meta device (no memory, no weights)
     def gate_dims(self, mixer, config):

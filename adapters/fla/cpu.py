@@ -16,12 +16,15 @@ Where a leaf op is patched, and why there:
 - plain functions called from inside fla's own modules (``causal_conv1d_update``):
   the defining module's global.
 - the recurrences: the names each fla layer module imported
-  (``fla.layers.gla.chunk_gla`` ...), the same names Memory Caching wraps. :func:`enable`
-  must run before Memory Caching wraps them (every fla adapter's ``install`` calls it
-  first), so the MC wrapper's "original op" is this device-dispatching op.
+  (``fla.layers.gla.chunk_gla`` ...), the same names Memory Caching wraps. The routing is
+  the "fla-cpu" layer of ``mc_retrofit.compat``'s registry, below the "mc" layer, so the
+  MC wrapper's "original op" is this device-dispatching op (the registry installs the
+  lower layer first and refuses the other order).
 
+Every replacement is a ``compat.Patch`` (:func:`patches` lists them); it stays installed
+while the process may run an fla model and goes with ``compat.uninstall_patches()``.
 The references compute in fp32 and return the input dtype, like the kernels. They were
-written for (and are guarded to) fla ``SUPPORTED_FLA``: fla moves fast and its op
+written for (and are guarded to) fla ``compat.PATCH_WINDOWS``: fla moves fast and its op
 signatures change between minor versions, so another version is refused with one line.
 """
 from __future__ import annotations
@@ -32,35 +35,16 @@ import math
 import torch
 import torch.nn.functional as F
 
+from ... import compat
 from ...errors import MCError
 
-SUPPORTED_FLA = ("0.6.0", "0.7.0")  # >= first, < second
-_ENABLED = False
-
-
-def _version_tuple(text: str) -> tuple[int, ...]:
-    parts = []
-    for piece in text.split("+")[0].split(".")[:3]:
-        digits = "".join(ch for ch in piece if ch.isdigit())
-        parts.append(int(digits) if digits else 0)
-    return tuple(parts + [0] * (3 - len(parts)))
+FLA = "flash-linear-attention"
 
 
 def check_version(version: str | None = None) -> str:
-    """The installed fla version, or a one-line MCError when it is outside SUPPORTED_FLA."""
-    if version is None:
-        try:
-            import fla
-        except ImportError:
-            raise MCError("flash-linear-attention is not installed: pip install 'flash-linear-attention>=0.6,<0.7'") from None
-        version = getattr(fla, "__version__", "0")
-    lo, hi = SUPPORTED_FLA
-    if not (_version_tuple(lo) <= _version_tuple(version) < _version_tuple(hi)):
-        raise MCError(
-            f"flash-linear-attention {version} is outside the range mc-retrofit's fla CPU routing was written for "
-            f"(>={lo}, <{hi}); install flash-linear-attention>={lo},<{hi}"
-        )
-    return version
+    """The installed (or given) fla version, or a one-line MCError when it is outside the
+    range the routing was written for (``compat.PATCH_WINDOWS``)."""
+    return compat.check_window(FLA, compat.PATCH_WINDOWS[FLA], version)
 
 
 # -- dispatch ------------------------------------------------------------------------
@@ -89,25 +73,26 @@ def _dispatching(original, ref):
     return op
 
 
-def _route_apply(cls, ref):
-    if "__mc_cpu_original__" in cls.__dict__:
-        return
-    original = cls.apply
-    cls.__mc_cpu_original__ = original
-    cls.apply = staticmethod(_dispatching(original, ref))
+def _resolve(ref):
+    """A reference function, or fla's own given as ``"module:name"`` (imported at install)."""
+    if isinstance(ref, str):
+        module_name, _, name = ref.partition(":")
+        return getattr(importlib.import_module(module_name), name)
+    return ref
 
 
-def _route_global(module_name: str, name: str, ref):
-    module = importlib.import_module(module_name)
-    current = getattr(module, name)
-    if getattr(current, "__mc_cpu_ref__", None) is not None:
-        return
-    # Memory Caching may have wrapped this name already: route underneath its wrapper.
-    mc_done = module.__dict__.get("__mc_wrapped__", {})
-    if name in mc_done:
-        raise MCError(f"{module_name}.{name} was wrapped by Memory Caching before fla CPU routing was enabled; "
-                      "call mc_retrofit.adapters.fla.cpu.enable() before converting")
-    setattr(module, name, _dispatching(current, ref))
+def route(owner: str, name: str, ref, group: str = "fla-cpu") -> compat.Patch:
+    """The "fla-cpu" patch putting a device check in front of ``owner.name``: CPU tensors go
+    to ``ref``, others to the op it replaces. On a class (an autograd Function's ``apply``,
+    which the class inherits) the dispatcher is a staticmethod; uninstall deletes it again."""
+
+    def make(current):
+        op = _dispatching(current, _resolve(ref))
+        return staticmethod(op) if ":" in owner else op
+
+    what = ref if isinstance(ref, str) else ref.__name__
+    return compat.Patch(owner, name, make, layer="fla-cpu", group=group,
+                        why=f"Triton has no CPU driver: CPU tensors run the PyTorch reference {what}")
 
 
 # -- norms ---------------------------------------------------------------------------
@@ -335,6 +320,10 @@ def delta_rule_ref(q, k, v, beta=None, scale=None, initial_state=None, output_fi
     effective scale is ``scale``). State ``[B,H,K,V]``."""
     from fla.ops.delta_rule.naive import delta_rule_recurrence
 
+    from .chunk import delta_rule_chunked, during_capture
+
+    delta_rule_recurrence = during_capture(delta_rule_recurrence, delta_rule_chunked)  # one-pass capture
+
     _no_varlen(cu_seqlens, "delta rule")
     K = q.shape[-1]
     scale = K ** -0.5 if scale is None else scale
@@ -358,6 +347,10 @@ def gated_delta_rule_ref(q, k, v, g, beta, scale=None, initial_state=None, outpu
     ``use_gate_in_kernel``; q/k heads repeat over value groups, GVA)."""
     from fla.ops.gated_delta_rule.gate import naive_gdn_gate
     from fla.ops.gated_delta_rule.naive import naive_recurrent_gated_delta_rule
+
+    from .chunk import during_capture, gated_delta_rule_chunked
+
+    naive_recurrent_gated_delta_rule = during_capture(naive_recurrent_gated_delta_rule, gated_delta_rule_chunked)
 
     _no_varlen(cu_seqlens, "gated delta rule")
     for name in ("gk", "gv"):
@@ -446,6 +439,10 @@ def rwkv7_ref(r, w, k, v, a, b, scale=1.0, initial_state=None, output_final_stat
     (fixed ``K^-1/2``: r is rescaled to ``scale``)."""
     from fla.ops.generalized_delta_rule.dplr.naive import dplr_recurrence
 
+    from .chunk import dplr_chunked, during_capture
+
+    dplr_recurrence = during_capture(dplr_recurrence, dplr_chunked)  # one-pass capture
+
     _no_varlen(cu_seqlens, "RWKV-7")
     K = r.shape[-1]
     scale = 1.0 if scale is None else scale
@@ -482,47 +479,40 @@ RECURRENCES = {
 }
 
 
-def _autograd_leaf_ops():
-    """(Function class, CPU reference) for fla's autograd-Function leaf ops."""
-    from fla.modules.causal_conv1d.ops import CausalConv1dFunction
-    from fla.modules.norm.fused_norm_gate import LayerNormGatedFunction
-    from fla.modules.norm.l2norm import L2NormFunction
-    from fla.modules.norm.layernorm import LayerNormFunction
-    from fla.modules.rotary.ops import RotaryEmbeddingFunction
-    from fla.modules.token_shift import TokenShift
-    from fla.ops.rwkv7.fused_addcmul import Rwkv7FusedAddcmul, torch_addcmul_rwkv7
-    from fla.ops.rwkv7.fused_k_update import KUpdateFunction, k_update_ref
-    from fla.ops.rwkv7.gate_output_correction import GateOutputCorrection, gate_output_correction_ref
+def _k_update_ref(k, a, ka, cu_seqlens=None, cu_seqlens_cpu=None):
+    from fla.ops.rwkv7.fused_k_update import k_update_ref
 
-    ops = [
-        (LayerNormFunction, layer_norm_apply_ref),
-        (LayerNormGatedFunction, layer_norm_gated_apply_ref),
-        (L2NormFunction, l2norm_apply_ref),
-        (TokenShift, token_shift_apply_ref),
-        (CausalConv1dFunction, causal_conv1d_apply_ref),
-        (RotaryEmbeddingFunction, rotary_apply_ref),
-        (Rwkv7FusedAddcmul, torch_addcmul_rwkv7),
-        (KUpdateFunction, lambda k, a, ka, cu_seqlens=None, cu_seqlens_cpu=None: k_update_ref(k, a, ka)),
-        (GateOutputCorrection, gate_output_correction_ref),
-    ]
-    return ops
+    return k_update_ref(k, a, ka)
+
+
+# fla's autograd-Function leaf ops ("module:Class") and their CPU references.
+LEAF_OPS = (
+    ("fla.modules.norm.layernorm:LayerNormFunction", layer_norm_apply_ref),
+    ("fla.modules.norm.fused_norm_gate:LayerNormGatedFunction", layer_norm_gated_apply_ref),
+    ("fla.modules.norm.l2norm:L2NormFunction", l2norm_apply_ref),
+    ("fla.modules.token_shift:TokenShift", token_shift_apply_ref),
+    ("fla.modules.causal_conv1d.ops:CausalConv1dFunction", causal_conv1d_apply_ref),
+    ("fla.modules.rotary.ops:RotaryEmbeddingFunction", rotary_apply_ref),
+    ("fla.ops.rwkv7.fused_addcmul:Rwkv7FusedAddcmul", "fla.ops.rwkv7.fused_addcmul:torch_addcmul_rwkv7"),
+    ("fla.ops.rwkv7.fused_k_update:KUpdateFunction", _k_update_ref),
+    ("fla.ops.rwkv7.gate_output_correction:GateOutputCorrection",
+     "fla.ops.rwkv7.gate_output_correction:gate_output_correction_ref"),
+)
+
+
+def patches() -> list[compat.Patch]:
+    """Every fla symbol the CPU routing replaces: the leaf ops' ``apply``, the convolution
+    update, the activation helpers and each layer module's recurrences."""
+    out = [route(owner, "apply", ref) for owner, ref in LEAF_OPS]
+    out.append(route("fla.modules.causal_conv1d.ops", "causal_conv1d_update", causal_conv1d_update_ref))
+    out += [route("fla.modules.activations.ops", name, ref) for name, ref in ACTIVATION_REFS.items()]
+    out += [route(module, name, ref) for module, names in RECURRENCES.items() for name, ref in names.items()]
+    return out
 
 
 def enable() -> None:
     """Route fla's leaf ops to PyTorch for CPU tensors (idempotent; GPU tensors are untouched)."""
-    global _ENABLED
-    if _ENABLED:
-        return
-    check_version()
-    for cls, ref in _autograd_leaf_ops():
-        _route_apply(cls, ref)
-    _route_global("fla.modules.causal_conv1d.ops", "causal_conv1d_update", causal_conv1d_update_ref)
-    for name, ref in ACTIVATION_REFS.items():
-        _route_global("fla.modules.activations.ops", name, ref)
-    for module_name, names in RECURRENCES.items():
-        for name, ref in names.items():
-            _route_global(module_name, name, ref)
-    _ENABLED = True
+    compat.install(patches())
 
 
 def reference(module_name: str, name: str):

@@ -23,7 +23,7 @@ def _normed(a, name):
 
 
 _SPEC = OpSpec(time_args=("q", "k", "v", "beta"), query=lambda a: _normed(a, "q"), keys=lambda a: _normed(a, "k"),
-               scale=default_scale, layout=lambda a: "kv")
+               scale=default_scale, layout=lambda a: "kv", chunkwise=True)
 
 
 class DeltaNetAdapter(FlaAdapter):

@@ -33,7 +33,7 @@ def gdn_spec(q: str = "q", k: str = "k", v: str = "v") -> OpSpec:
         return expand(x, a[v].shape[2])
 
     return OpSpec(time_args=(q, k, v, "g", "beta"), query=lambda a: qk(a, q), keys=lambda a: qk(a, k),
-                  scale=lambda a: default_scale(a, q), layout=_layout, positional=(q, k, v))
+                  scale=lambda a: default_scale(a, q), layout=_layout, positional=(q, k, v), chunkwise=True)
 
 
 GDN_SPEC = gdn_spec()

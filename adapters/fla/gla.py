@@ -21,7 +21,8 @@ from mc_retrofit.adapters.fla import FlaAdapter, OpSpec, default_scale
 
 def _spec(gate):
     return OpSpec(time_args=("q", "k", "v", gate, "gv"), query=lambda a: a["q"], keys=lambda a: a["k"],
-                  scale=default_scale, layout=lambda a: "vk" if a.get("state_v_first") else "kv", fp32_state=True)
+                  scale=default_scale, layout=lambda a: "vk" if a.get("state_v_first") else "kv", fp32_state=True,
+                  linear=lambda a: dict(k=a["k"], v=a["v"], gk=a[gate], gv=a.get("gv")))
 
 
 class GLAAdapter(FlaAdapter):

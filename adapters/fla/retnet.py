@@ -18,9 +18,16 @@ returns no state (and ignores a cached one), so a converted layer is **switched*
 from __future__ import annotations
 
 from mc_retrofit.adapters.fla import FlaAdapter, OpSpec, default_scale
+from mc_retrofit.adapters.fla.cpu import retention_decay
+
+def _linear(a):
+    """Retention as a gated linear recurrence: the fixed per-head decay ``gamma_h`` on every token."""
+    B, T, H, _ = a["k"].shape
+    return dict(k=a["k"], v=a["v"], g=retention_decay(H, a["k"].device)[None, None].expand(B, T, H))
+
 
 _SPEC = OpSpec(time_args=("q", "k", "v"), query=lambda a: a["q"], keys=lambda a: a["k"], scale=default_scale,
-               layout=lambda a: "vk" if a.get("state_v_first") else "kv")
+               layout=lambda a: "vk" if a.get("state_v_first") else "kv", linear=_linear)
 
 
 class RetNetAdapter(FlaAdapter):

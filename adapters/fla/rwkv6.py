@@ -19,7 +19,8 @@ from __future__ import annotations
 from mc_retrofit.adapters.fla import FlaAdapter, OpSpec
 
 _SPEC = OpSpec(time_args=("r", "k", "v", "w"), query=lambda a: a["r"], keys=lambda a: a["k"],
-               scale=lambda a: 1.0 if a.get("scale") is None else float(a["scale"]), layout=lambda a: "kv")
+               scale=lambda a: 1.0 if a.get("scale") is None else float(a["scale"]), layout=lambda a: "kv",
+               linear=lambda a: dict(k=a["k"], v=a["v"], gk=a["w"]))  # S_t = diag(e^{w_t}) S_{t-1} + k_t v_t^T
 
 
 class Rwkv6Adapter(FlaAdapter):

@@ -20,7 +20,7 @@ from __future__ import annotations
 from mc_retrofit.adapters.fla import FlaAdapter, OpSpec
 
 _COMMON = dict(query=lambda a: a["r"], keys=lambda a: a["k"], scale=lambda a: 1.0 if a.get("scale") is None
-               else float(a["scale"]), layout=lambda a: "kv")
+               else float(a["scale"]), layout=lambda a: "kv", chunkwise=True)
 
 
 class Rwkv7Adapter(FlaAdapter):

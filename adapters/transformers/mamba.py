@@ -18,8 +18,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from mc_retrofit.adapters.base import Adapter, StateInfo, passthrough, wrap_op
-from mc_retrofit.segments import linear_read, run_segments
+from mc_retrofit.adapters.base import Adapter, StateInfo, op_patch, passthrough
+from mc_retrofit.segments import LinearRecurrence, Stepped, run_segments
 
 MODULE = "transformers.models.mamba.modeling_mamba"
 
@@ -34,6 +34,35 @@ def _carry_in(y0, h0_final, state, dt, A, C):
     return y, h0_final + carried[..., -1].to(h0_final.dtype)
 
 
+def _snapshot(state):
+    return state.float()[:, None].clone()  # [B, D, N] as one head: [B, 1, D, N]
+
+
+class _Scan(LinearRecurrence):
+    """One ``mamba_selective_scan`` call (without D skip and gate): one head, query ``C_t``,
+    keys ``B_t``, V-first state ``h [D, N]``; each piece continues from its start state."""
+
+    layout = "vk"
+    snapshot = staticmethod(_snapshot)
+
+    def __init__(self, orig, hidden_states, dt, dt_eff, A, B, C, state, kw):
+        super().__init__(C.transpose(1, 2)[:, :, None], B.transpose(1, 2)[:, :, None], state)  # [B, T, 1, N]
+        self.orig, self.x, self.dt, self.dt_eff, self.A, self.B, self.C, self.kw = (
+            orig, hidden_states, dt, dt_eff, A, B, C, kw)
+
+    def run(self, a, b, state):
+        C = self.C[..., a:b]
+        y0, h = self.orig(self.x[..., a:b], self.dt[..., a:b], self.A, self.B[..., a:b], C, D=None, z=None,
+                          return_last_state=True, **self.kw)
+        if state is not None:
+            y0, h = _carry_in(y0, h, state, self.dt_eff[..., a:b], self.A, C)
+        return y0.transpose(1, 2)[:, :, None], h  # online output as [B, t, 1, D]
+
+
+class _Step(Stepped):
+    snapshot = staticmethod(_snapshot)
+
+
 @passthrough
 def _selective_scan(orig, run, hidden_states, dt, A, B, C, D=None, z=None, delta_bias=None,
                     delta_softplus=False, return_last_state=False, **kw):
@@ -45,20 +74,9 @@ def _selective_scan(orig, run, hidden_states, dt, A, B, C, D=None, z=None, delta
     if delta_softplus:
         dt_eff = F.softplus(dt_eff)
 
-    def run_piece(a, b, state):
-        y0, h = orig(
-            hidden_states[..., a:b], dt[..., a:b], A, B[..., a:b], C[..., a:b], D=None, z=None,
-            delta_bias=delta_bias, delta_softplus=delta_softplus, return_last_state=True, **kw,
-        )
-        if state is not None:
-            y0, h = _carry_in(y0, h, state, dt_eff[..., a:b], A, C[..., a:b])
-        return y0.transpose(1, 2)[:, :, None], h  # online output as [B, t, 1, D]
-
-    q = C.transpose(1, 2)[:, :, None]  # [B, T, 1, N]
-    k = B.transpose(1, 2)[:, :, None]
-    y, final = run_segments(
-        run, q, k, run_piece, init, lambda s: s.float()[:, None].clone(), linear_read(q, scale=1.0, layout="vk")
-    )
+    scan = _Scan(orig, hidden_states, dt, dt_eff, A, B, C, init,
+                 dict(delta_bias=delta_bias, delta_softplus=delta_softplus, **kw))
+    y, final = run_segments(run, scan)
     y = y[:, :, 0].transpose(1, 2)  # back to [B, D, T]
     if D is not None:
         y = y + hidden_states * D[None, :, None]
@@ -70,11 +88,7 @@ def _selective_scan(orig, run, hidden_states, dt, A, B, C, D=None, z=None, delta
 @passthrough
 def _state_update(orig, run, state, hidden_states, dt, A, B, C, D=None, z=None, **kw):
     o = orig(state, hidden_states, dt, A, B, C, None, z=None, **kw)  # [B, D]; updates `state`
-    q = C[:, None, None]  # [B, 1, 1, N]
-    y, _ = run_segments(
-        run, q, B[:, None, None], lambda a, b, s: (o[:, None, None], s), state,
-        lambda s: s.float()[:, None].clone(), linear_read(q, scale=1.0, layout="vk"),
-    )
+    y, _ = run_segments(run, _Step(C[:, None, None], B[:, None, None], state, o[:, None, None], layout="vk"))
     y = y[:, 0, 0]
     if D is not None:
         y = y + hidden_states * D
@@ -101,9 +115,9 @@ class MambaAdapter(Adapter):
     def gate_dims(self, mixer, config):
         return 1, mixer.ssm_state_size
 
-    def install(self):
-        wrap_op(MODULE, "mamba_selective_scan", _selective_scan)
-        wrap_op(MODULE, "mamba_selective_state_update", _state_update)
+    def op_patches(self):
+        return [op_patch(MODULE, "mamba_selective_scan", _selective_scan, self.family),
+                op_patch(MODULE, "mamba_selective_state_update", _state_update, self.family)]
 
     def state_info(self, config):
         return StateInfo(

@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import torch
 
-from mc_retrofit.adapters.base import Adapter, StateInfo, expand_heads, passthrough, wrap_op
+from mc_retrofit.adapters.base import Adapter, StateInfo, expand_heads, op_patch, passthrough
 from mc_retrofit.kernels.capture import linear_boundary_states
-from mc_retrofit.segments import linear_read, run_segments
+from mc_retrofit.segments import LinearRecurrence, Stepped, run_segments
 
 MODULE = "transformers.models.mamba2.modeling_mamba2"
 
@@ -42,32 +42,37 @@ def mamba2_boundary_states(hidden_states, dt, A, B, segment_size: int, *, dt_bia
     return bounds.transpose(-1, -2), final.transpose(-1, -2)
 
 
+class _ChunkScan(LinearRecurrence):
+    """One ``mamba2_chunk_scan`` call (without its D skip): query ``C``, keys ``B``, V-first states."""
+
+    layout = "vk"
+
+    def __init__(self, orig, hidden_states, dt, A, B, C, chunk_size, kw, state):
+        heads = hidden_states.shape[2]
+        super().__init__(expand_heads(C, heads), expand_heads(B, heads), state)
+        self.orig, self.x, self.dt, self.A, self.B, self.C, self.chunk_size, self.kw = (
+            orig, hidden_states, dt, A, B, C, chunk_size, kw)
+
+    def run(self, a, b, state):
+        return self.orig(self.x[:, a:b], self.dt[:, a:b], self.A, self.B[:, a:b], self.C[:, a:b], self.chunk_size,
+                         D=None, initial_states=state, return_final_states=True, **self.kw)
+
+    def capture(self, state, segment_size):
+        y, final = self.run(0, self.x.shape[1], state)
+        kw = self.kw
+        bounds, _ = mamba2_boundary_states(
+            self.x, self.dt, self.A, self.B, segment_size, dt_bias=kw.get("dt_bias"),
+            dt_softplus=kw.get("dt_softplus", False), dt_limit=kw.get("dt_limit", (0.0, float("inf"))),
+            initial_states=state)
+        return y, final, bounds
+
+
 @passthrough
 def _chunk_scan(orig, run, hidden_states, dt, A, B, C, chunk_size, D=None, **kw):
     init = kw.pop("initial_states", None)
     want_final = kw.pop("return_final_states", False)
     kw.pop("z", None)
-    heads = hidden_states.shape[2]
-
-    def run_piece(a, b, state):
-        return orig(
-            hidden_states[:, a:b], dt[:, a:b], A, B[:, a:b], C[:, a:b], chunk_size,
-            D=None, initial_states=state, return_final_states=True, **kw,
-        )
-
-    def capture(state, segment_size):
-        y, final = orig(hidden_states, dt, A, B, C, chunk_size, D=None, initial_states=state,
-                        return_final_states=True, **kw)
-        bounds, _ = mamba2_boundary_states(
-            hidden_states, dt, A, B, segment_size, dt_bias=kw.get("dt_bias"), dt_softplus=kw.get("dt_softplus", False),
-            dt_limit=kw.get("dt_limit", (0.0, float("inf"))), initial_states=state)
-        return y, final, bounds
-
-    q = expand_heads(C, heads)
-    k = expand_heads(B, heads)
-    y, final = run_segments(
-        run, q, k, run_piece, init, lambda s: s.float().clone(), linear_read(q, scale=1.0, layout="vk"), capture
-    )
+    y, final = run_segments(run, _ChunkScan(orig, hidden_states, dt, A, B, C, chunk_size, kw, init))
     if D is not None:  # the D skip, as the original op adds it
         y = y + D[..., None] * hidden_states.float()
     return (y, final) if want_final else y
@@ -80,10 +85,7 @@ def _state_update(orig, run, state, hidden_states, dt, A, B, C, D=None, **kw):
     o = orig(state, hidden_states, dt, A, B, C, None, z=None, **kw)  # updates `state` in place
     q = expand_heads(C, heads, dim=1)[:, None]
     k = expand_heads(B, heads, dim=1)[:, None]
-    y, _ = run_segments(
-        run, q, k, lambda a, b, s: (o[:, None], s), state, lambda s: s.float().clone(),
-        linear_read(q, scale=1.0, layout="vk"),
-    )
+    y, _ = run_segments(run, Stepped(q, k, state, o[:, None], layout="vk"))
     y = y[:, 0]
     if D is not None:
         y = (y + hidden_states * D).to(y.dtype)
@@ -107,9 +109,9 @@ class Mamba2Adapter(Adapter):
     def gate_dims(self, mixer, config):
         return mixer.num_heads, mixer.ssm_state_size
 
-    def install(self):
-        wrap_op(MODULE, "mamba2_chunk_scan", _chunk_scan)
-        wrap_op(MODULE, "mamba2_selective_state_update", _state_update)
+    def op_patches(self):
+        return [op_patch(MODULE, "mamba2_chunk_scan", _chunk_scan, self.family),
+                op_patch(MODULE, "mamba2_selective_state_update", _state_update, self.family)]
 
     def state_info(self, config):
         return StateInfo(

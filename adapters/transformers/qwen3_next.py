@@ -18,7 +18,8 @@ CPU; CPU tensors are routed to :func:`mc_retrofit.adapters.fla.cpu.gated_delta_r
 """
 from __future__ import annotations
 
-from mc_retrofit.adapters.base import StateInfo, wrap_op
+from mc_retrofit import compat
+from mc_retrofit.adapters.base import StateInfo
 from mc_retrofit.adapters.fla import FlaAdapter
 
 from ..fla.gated_deltanet import gdn_spec
@@ -44,7 +45,7 @@ class Qwen3NextAdapter(FlaAdapter):
     def model_class(self):
         from transformers import Qwen3NextForCausalLM
 
-        self._route_cpu()
+        compat.install(self.support_patches())
         return Qwen3NextForCausalLM
 
     def _layer_cls(self):
@@ -52,24 +53,14 @@ class Qwen3NextAdapter(FlaAdapter):
 
         return Qwen3NextGatedDeltaNet
 
-    @staticmethod
-    def _route_cpu():
+    def support_patches(self):
         import importlib.util
 
         if importlib.util.find_spec("fla") is None:
-            return  # transformers' own torch fallbacks already run on CPU
+            return []  # transformers' own torch fallbacks already run on CPU
         from mc_retrofit.adapters.fla import cpu as fla_cpu
 
-        fla_cpu.enable()
-        for name in OPS:
-            fla_cpu._route_global(MODULE, name, _cpu_ref)
-
-    def install(self):
-        self._route_cpu()
-        for name, spec in self.ops.items():
-            from mc_retrofit.adapters.fla import mc_op
-
-            wrap_op(MODULE, name, mc_op(spec))
+        return [*fla_cpu.patches(), *(fla_cpu.route(MODULE, name, _cpu_ref, group=self.family) for name in OPS)]
 
     cache_names = ("cache", "past_key_values")  # the model; its GDN mixers: the default names
     mixer_cache_names = ("cache", "cache_params")

@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import torch
 
-from mc_retrofit.adapters.base import Adapter, StateInfo, passthrough, wrap_op
+from mc_retrofit.adapters.base import Adapter, StateInfo, op_patch, passthrough
 from mc_retrofit.core import gate_weights
-from mc_retrofit.segments import run_segments
+from mc_retrofit.segments import Recurrence, run_segments
 
 MODULE = "transformers.models.rwkv.modeling_rwkv"
 
@@ -56,37 +56,46 @@ def wkv_parts(time_decay, time_first, key, value, state):
     return (output, nums, dens, maxs), [num_state, den_state, max_state]
 
 
-def _read(run, o, a, b, u, online_pool, n_visible):
-    """Merge the online (num, den) with the cached ones at a common exponent."""
-    out, num, den, mx = o
-    mem, gate, cfg = run.memory, run.gate, run.gate.config
-    if mem.n == 0:
-        return out
-    w = gate_weights(u, mem.pooled, online_pool, n_visible, cfg.aggregation, cfg.top_k,
-                     gate.gate_scale(), cfg.online_bias)[:, :, 0]  # [B, t, 1 + n]
-    cn, cd, cm = mem.states[:, :, 0], mem.states[:, :, 1], mem.states[:, :, 2]  # [B, n, C]
-    # Common exponent over the online part and every cached part with non-zero weight.
-    cm_b = cm[:, None].expand(-1, out.shape[1], -1, -1)  # [B, t, n, C]
-    cm_live = cm_b.masked_fill(w[..., 1:, None] == 0, float("-inf"))
-    M = torch.maximum(mx, cm_live.amax(2))
-    e_on = torch.exp(mx - M) * w[..., :1]
-    e_c = torch.exp(cm_b - M[:, :, None]) * w[..., 1:, None]
-    n_all = e_on * num + (e_c * cn[:, None]).sum(2)
-    d_all = e_on * den + (e_c * cd[:, None]).sum(2)
-    agg = n_all / d_all
-    mix = gate.cache_weight[0]
-    return (out.float() + mix * (agg - out.float())).to(out.dtype)
+class _Wkv(Recurrence):
+    """One ``rwkv_linear_attention`` call: gate input and keys ``k_t`` (one head), state
+    ``(num, den, max)`` cached as ``[B, 3, C]``; the read merges ratios, not ``q^T S``."""
+
+    def __init__(self, time_decay, time_first, key, value, state):
+        u = key[:, :, None]  # [B, T, 1, C]
+        super().__init__(u, u, state)
+        self.time_decay, self.time_first, self.key, self.value = time_decay, time_first, key, value
+
+    def run(self, a, b, state):
+        return wkv_parts(self.time_decay, self.time_first, self.key[:, a:b], self.value[:, a:b], state)
+
+    def snapshot(self, state):
+        return torch.stack([t.float() for t in state], 1).clone()
+
+    def read(self, run, span):
+        """Merge the online (num, den) with the cached ones at a common exponent."""
+        out, num, den, mx = span.online
+        mem, gate, cfg = run.memory, run.gate, run.gate.config
+        if mem.n == 0:
+            return out
+        w = gate_weights(span.u, mem.pooled, span.online_pool, span.n_visible, cfg.aggregation, cfg.top_k,
+                         gate.gate_scale(), cfg.online_bias)[:, :, 0]  # [B, t, 1 + n]
+        cn, cd, cm = mem.states[:, :, 0], mem.states[:, :, 1], mem.states[:, :, 2]  # [B, n, C]
+        # Common exponent over the online part and every cached part with non-zero weight.
+        cm_b = cm[:, None].expand(-1, out.shape[1], -1, -1)  # [B, t, n, C]
+        cm_live = cm_b.masked_fill(w[..., 1:, None] == 0, float("-inf"))
+        M = torch.maximum(mx, cm_live.amax(2))
+        e_on = torch.exp(mx - M) * w[..., :1]
+        e_c = torch.exp(cm_b - M[:, :, None]) * w[..., 1:, None]
+        n_all = e_on * num + (e_c * cn[:, None]).sum(2)
+        d_all = e_on * den + (e_c * cd[:, None]).sum(2)
+        agg = n_all / d_all
+        mix = gate.cache_weight[0]
+        return (out.float() + mix * (agg - out.float())).to(out.dtype)
 
 
 @passthrough
 def _linear_attention(orig, run, time_decay, time_first, key, value, state=None, return_state=False):
-    def run_piece(a, b, st):
-        return wkv_parts(time_decay, time_first, key[:, a:b], value[:, a:b], st)
-
-    u = key[:, :, None]  # [B, T, 1, C]
-    y, final = run_segments(
-        run, u, u, run_piece, state, lambda s: torch.stack([t.float() for t in s], 1).clone(), _read
-    )
+    y, final = run_segments(run, _Wkv(time_decay, time_first, key, value, state))
     if return_state or state is not None:
         return y, final
     return y, None
@@ -122,8 +131,8 @@ class Rwkv4Adapter(Adapter):
         return _state_holder
 
 
-    def install(self):
-        wrap_op(MODULE, "rwkv_linear_attention", _linear_attention)
+    def op_patches(self):
+        return [op_patch(MODULE, "rwkv_linear_attention", _linear_attention, self.family)]
 
     def state_info(self, config):
         c = config.attention_hidden_size or config.hidden_size

@@ -140,7 +140,9 @@ def main(argv=None):
     device = torch.device("cuda" if cuda else "cpu")
     if not cuda and not args.smoke:
         ap.error("needs a CUDA GPU; use --smoke on CPU")
-    if "mamba2_chunk_scan" in m2.__dict__.get("__mc_wrapped__", {}):
+    from mc_retrofit import compat
+
+    if compat.patched(m2, "mamba2_chunk_scan") is not None:
         raise SystemExit("mc_retrofit wrapped mamba2_chunk_scan before this script could swap it")
     orig = m2.mamba2_chunk_scan
     new = make_scan(use_triton=cuda)
@@ -172,7 +174,7 @@ def main(argv=None):
     bench_argv = (["--smoke"] if args.smoke else []) + ["--skip-readout", "--out", str(out),
                                                         "--lengths", *map(str, lengths), *rest]
     result = bench_mc.main(bench_argv)
-    wrapped = getattr(m2.mamba2_chunk_scan, "__mc_original__", None)
+    wrapped = getattr(m2.mamba2_chunk_scan, "__wrapped__", None)  # the op under mc_retrofit's wrapper
     res["mc_wraps_the_triton_scan"] = wrapped is new
     res["bench_mc_argv"] = bench_argv
     res["prefill"] = result["prefill"]

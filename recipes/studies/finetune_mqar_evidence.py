@@ -68,6 +68,7 @@ def sh(cmd, log: Path) -> None:
 
 def main(argv=None):
     import mc_retrofit as mr
+    from mc_retrofit.distributed import cpu_numerics
     from mc_retrofit.finetune import finetune
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -82,7 +83,7 @@ def main(argv=None):
     p.add_argument("--segment-size", type=int, default=8)
     p.add_argument("--seed", type=int, default=100)
     a = p.parse_args(argv)
-    torch.set_flush_denormal(True)
+    cpu_numerics()
     out = Path(a.out).absolute()
     out.mkdir(parents=True, exist_ok=True)
     vocab = mr.load_base(a.model).config.vocab_size

@@ -15,6 +15,7 @@ import sys
 import click
 from pathlib import Path
 
+from ..checkpoints import open_checkpoint
 from ..config import MCConfig
 from ..errors import MCError
 
@@ -75,7 +76,9 @@ def mc_options(fn):
         click.option("--segment-size", type=click.IntRange(min=1), help="Tokens per segment (default 256)."),
         click.option("--aggregation", type=click.Choice(["residual", "gated", "soup", "ssc"]), help="How cached reads combine (default gated)."),
         click.option("--top-k", type=click.IntRange(min=1), help="Cached segments kept per token under ssc (default 2)."),
-        click.option("--gate-source", type=click.Choice(["query", "learned"]), help="Gate input: the layer's query or a learned connector."),
+        click.option("--gate-source", type=click.Choice(["query", "lowrank", "learned"]),
+                     help="Gate input: the layer's query, the query plus a low-rank learned correction, or a full learned connector."),
+        click.option("--gate-rank", type=click.IntRange(min=1), help="Rank of the lowrank gate connector (default 2)."),
         click.option("--temperature", type=FiniteFloat(min=0, min_open=True), help="Gate softmax temperature (default 1)."),
         click.option("--online-bias", type=FiniteFloat(), help="Added to the online memory's gate logit (default 0)."),
         click.option("--cache-weight", type=FiniteFloat(), help="Initial mix of the cached reads: 1 = MC, 0 = exactly the base model."),
@@ -121,15 +124,6 @@ def mc_given(mc: dict) -> bool:
     return any(v is not None for v in mc.values())
 
 
-def _is_converted(path) -> bool:
-    """A converted directory or an exported file (both carry their own MCConfig)."""
-    from ..config import CONFIG_NAME
-    from ..model import resolve_path
-
-    p = resolve_path(path)
-    return p.is_file() or (p / CONFIG_NAME).is_file()
-
-
 # Commands that live in their own modules (one module per command, so work on them does
 # not collide): each defines a click command named ``command``. Loaded lazily, so that
 # importing them cannot cycle back into this module while it is still initialising.
@@ -160,9 +154,9 @@ class LazyGroup(click.Group):
 @click.version_option(package_name="mc-retrofit")
 def main():
     """Give already-trained recurrent LMs a growing memory (Memory Caching)."""
-    import torch
+    from ..distributed import cpu_numerics
 
-    torch.set_flush_denormal(True)  # tiny random models hit denormals on CPU (50x slower)
+    cpu_numerics()
 
 
 @main.command()
@@ -177,18 +171,18 @@ def convert(src, out, force, **mc):
     from ..files import check_target
 
     config = build_config(**mc)
-    source = m.resolve_path(src)
-    # Before any loading: --force replaces only an earlier converted model, never SRC or the cwd.
-    check_target(out, force, kind="converted", sources=[source])
-    hf = m.read_hf_config(source)
+    source = open_checkpoint(src)  # configs only
+    # Before any weight loads: --force replaces only an earlier converted model, never SRC or the cwd.
+    check_target(out, force, kind="converted", sources=[source.path])
+    hf = source.hf_config
     bad = [i for i in (config.layers or []) if i >= hf.num_hidden_layers]
     if bad:  # checked before loading any weight
         raise MCError(f"layers {bad} do not exist: the model has {hf.num_hidden_layers} recurrent layers")
-    base = m.load_base(src)
+    base = m.load_base(source)
     model = m.convert(base, config)
     m.save_converted(model, out, force=force)
     n = sum(p.numel() for p in m.gate_state_dict(model).values())
-    c = model.mc_config
+    c = model.mc.config
     segments = f"segment {c.segment_size}" if c.segmentation == "constant" else "log segments"
     click.echo(
         f"converted {src} ({c.family}, {len(m.gate_modules(model))} MC layers, "
@@ -210,12 +204,13 @@ def inspect(path, as_json, **mc):
 
     # No MC options: None, so describe can tell "nothing given" from "the defaults given"
     # (and refuse options for a converted model, whose own mc_config.json rules).
-    if mc_given(mc) and _is_converted(path):
+    ckpt = open_checkpoint(path)
+    if mc_given(mc) and ckpt.converted:
         flags = ", ".join("--config" if k == "config_file" else f"--{k.replace('_', '-')}"
                           for k, v in mc.items() if v is not None)
         raise MCError(f"{path} is converted: its mc_config.json sets the MC options, so {flags} would be ignored; "
                       "drop them, or inspect the original checkpoint with them")
-    d = describe(path, build_config(**mc) if mc_given(mc) else None)
+    d = describe(ckpt, build_config(**mc) if mc_given(mc) else None)
     if as_json:
         click.echo(json.dumps(d.to_dict(), indent=2))
         return
@@ -253,9 +248,10 @@ def export(src, out, force):
     from ..files import check_target
 
     to_file = m.exports_to_file(out)
-    check_target(out, force, kind="exported" if to_file else "converted", sources=[m.resolve_path(src)],
+    source = open_checkpoint(src)  # configs only
+    check_target(out, force, kind="exported" if to_file else "converted", sources=[source.path],
                  want_dir=not to_file)  # before loading: what --force may replace, and that --out is writable
-    model = m.load(src)
+    model = m.load(source)
     m.export(model, out, force=force)
     click.echo(f"exported {src} -> {out}")
 

@@ -2,7 +2,6 @@
 position and length, pass-key, multi-key and variable-tracking recall)."""
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 
@@ -43,15 +42,13 @@ def command(model, recipe, configs, variant_specs, recipe_variants, only, out, s
             tokenizer, train_context, batch_size, device, dtype, plots, quiet, force):
     """Evaluate MODEL (checkpoint dir, builtin:NAME, converted dir or exported file): the base
     model and MC variants on the same long documents and recall prompts."""
-    import torch
-
     from mc_retrofit.errors import MCError
 
     from ..eval import EvalOptions, evaluate, load_recipe, markdown, parse_variant, variant_from_file, write_json
+    from ..distributed import is_main_process
     from ..eval import plots as make_plots
     from ..files import atomic_dir, check_target
 
-    torch.set_flush_denormal(True)
     sections = None
     if only:
         sections = [s.strip() for s in only.split(",") if s.strip()]
@@ -74,7 +71,7 @@ def command(model, recipe, configs, variant_specs, recipe_variants, only, out, s
     # other existing folder is refused, even one without results.json), and --out can be written.
     check_target(out_dir, force, kind="eval", sources=sources, make_parents=True)
     results = evaluate(opts)
-    if int(os.environ.get("RANK", "0")) != 0:
+    if not is_main_process():  # another process of a torchrun run: rank 0 writes
         return
     out_dir.absolute().parent.mkdir(parents=True, exist_ok=True)
     table = markdown(results)

@@ -1,7 +1,6 @@
 """``mc-retrofit finetune``: train only the MC gate parameters for length extrapolation."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import click
@@ -50,8 +49,9 @@ def command(model_path, data, out, steps, seq_len, lr, batch, warmup, seed, eval
     import torch
 
     from .. import model as m
+    from ..checkpoints import open_checkpoint
+    from ..distributed import is_main_process
     from ..files import check_target
-    from ..config import MCConfig
     from ..finetune.loop import _check_args, check_reads_cache, finetune, read_texts
 
     _check_args(steps, seq_len, batch, warmup, lr, tbptt, state_passing, grad_checkpointing)  # before any loading
@@ -61,25 +61,23 @@ def command(model_path, data, out, steps, seq_len, lr, batch, warmup, seed, eval
         check_target(Path(out).absolute(), force)
     if not read_texts(data):  # bad or empty data fails before any weight is loaded
         raise MCError("the training data is empty")
-    p = m.resolve_path(model_path)
-    converted = p.is_file() or (p / "mc_config.json").is_file()
-    if converted:
+    ckpt = open_checkpoint(model_path)  # configs only
+    if ckpt.converted:
         if any(v is not None for v in mc.values()):
             raise MCError(f"{model_path} is already converted; MC options apply only to an original checkpoint")
-        if p.is_dir():  # an exported file's config is checked by finetune() once it is loaded
-            check_reads_cache(MCConfig.load(p), seq_len, tbptt, state_passing)  # before any weight loads
-        model = m.load(p)
+        check_reads_cache(ckpt.mc_config, seq_len, tbptt, state_passing)  # before any weight loads
+        model = m.load(ckpt)
     else:
         # the command's own defaults are not flags the user gave (never refused as ignored);
         # a --config file's values replace them
         config = build_config(defaults=FINETUNE_DEFAULTS, **mc)
         check_reads_cache(config, seq_len, tbptt, state_passing)  # before any weight loads
-        model = m.convert(m.load_base(p), config)
+        model = m.convert(m.load_base(ckpt), config)
     torch.manual_seed(seed)
     result = finetune(model, data, steps=steps, seq_len=seq_len, lr=lr, batch=batch, warmup=warmup, seed=seed,
                       out=out, eval_every=eval_every, resume=resume, force=force, tbptt=tbptt,
                       state_passing=state_passing, grad_checkpointing=grad_checkpointing, log=click.echo)
-    if os.environ.get("RANK", "0") != "0":  # another process of a torchrun run: rank 0 reports
+    if not is_main_process():  # another process of a torchrun run: rank 0 reports
         return
     click.echo(f"finetuned {model_path} for {result['step']} steps: train loss {result['train_loss']:.4f}, "
                f"held-out loss {result['heldout_loss']:.4f} nats/byte -> {out}")

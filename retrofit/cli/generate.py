@@ -25,6 +25,7 @@ def command(model_path, prompt_file, prompt, max_new_tokens, temperature, seed, 
     import torch
 
     from .. import model as m
+    from ..checkpoints import open_checkpoint
     from ..generation import ByteStreamer, cache_stats
 
     if (prompt_file is None) == (prompt is None):
@@ -37,10 +38,9 @@ def command(model_path, prompt_file, prompt, max_new_tokens, temperature, seed, 
         raw = prompt.encode("utf-8", "surrogateescape")  # the argument's bytes, as the shell passed them
     if not raw:
         raise MCError("the prompt is empty")
-    p = m.resolve_path(model_path)
-    converted = p.is_file() or (p / "mc_config.json").is_file()
-    model = m.load(p) if converted else m.load_base(p)
-    tokenizer = _tokenizer(p)
+    ckpt = open_checkpoint(model_path)
+    model = m.load(ckpt) if ckpt.converted else m.load_base(ckpt)
+    tokenizer = _tokenizer(ckpt.source_dir)
     if tokenizer is not None:
         from transformers import TextStreamer
 
@@ -72,8 +72,8 @@ def command(model_path, prompt_file, prompt, max_new_tokens, temperature, seed, 
             click.echo(f"MC cache: {s['segments']} segments, {s['bytes']} bytes", err=True)
 
 
-def _tokenizer(path: Path):
-    if not path.is_dir() or not any((path / n).exists() for n in ("tokenizer.json", "tokenizer_config.json")):
+def _tokenizer(path: Path | None):
+    if path is None or not any((path / n).exists() for n in ("tokenizer.json", "tokenizer_config.json")):
         return None
     from transformers import AutoTokenizer
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from mc_retrofit import tasks
+
 # Positions per slice of the output head: bounds the [B, slice, V] logits.
 HEAD_SLICE = 2048
 
@@ -56,6 +58,4 @@ def answer_scores(model, ids: torch.Tensor, prompt_len: int, answer_len: int) ->
     pos = slice(prompt_len - 1, prompt_len + answer_len - 1)
     logits = logits_at(model, hidden[:, pos])
     want = ids[:, prompt_len:prompt_len + answer_len]
-    correct = (logits.argmax(-1) == want).all(-1)
-    nll = -torch.log_softmax(logits, -1).gather(-1, want[..., None])[..., 0].sum(-1)
-    return correct, nll
+    return tasks.answer_hits(logits, want).all(-1), tasks.answer_nll(logits, want)

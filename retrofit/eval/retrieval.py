@@ -9,6 +9,7 @@ answer's log-likelihood is kept too, a softer signal when accuracies sit at 0 or
 """
 from __future__ import annotations
 
+import itertools
 import math
 import random
 from dataclasses import dataclass, field
@@ -83,11 +84,12 @@ def score_mqar(model, items: list[TaskItem], device, batch_size: int, variant: s
     from .forward import backbone_hidden, logits_at
 
     records = []
-    for i in range(0, len(items), batch_size):
-        chunk = items[i:i + batch_size]
-        L = chunk[0].ids.shape[0]
-        if any(it.ids.shape[0] != L for it in chunk):  # lengths differ: one at a time
-            chunk = chunk[:1]
+    i = 0
+    while i < len(items):
+        # a batch of equal lengths: up to where the length changes (no sample is skipped)
+        L = items[i].ids.shape[0]
+        chunk = list(itertools.takewhile(lambda it: it.ids.shape[0] == L, items[i:i + batch_size]))
+        i += len(chunk)
         ids = torch.stack([it.ids for it in chunk]).to(device)
         targets = torch.stack([it.meta["targets"] for it in chunk]).to(device)
         hidden = backbone_hidden(model, ids)
@@ -95,8 +97,8 @@ def score_mqar(model, items: list[TaskItem], device, batch_size: int, variant: s
             pos = (targets[b] != -100).nonzero()[:, 0]
             logits = logits_at(model, hidden[b:b + 1, pos])[0]
             want = targets[b, pos]
-            correct = (logits.argmax(-1) == want).float().mean()
-            nll = -torch.log_softmax(logits, -1).gather(-1, want[:, None]).sum()
+            correct = tasks.answer_hits(logits, want).float().mean()
+            nll = tasks.answer_nll(logits, want)
             records.append({
                 "kind": "mqar", "variant": variant, "length": it.length, "depth": it.depth, "sample": it.index,
                 "tokens": L, "correct": float(correct), "answer_nll": float(nll), "answer_tokens": int(pos.numel()),

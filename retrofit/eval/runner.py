@@ -13,7 +13,8 @@ from tqdm.auto import tqdm
 
 from mc_retrofit.errors import MCError
 
-from . import dist, perplexity, retrieval
+from .. import distributed
+from . import perplexity, retrieval
 from .recipes import TASKS, resolve
 from .text import codec_for, default_texts, load_texts, tokenize_documents
 from .variants import ModelSource, Variant, assemble
@@ -50,7 +51,7 @@ def _dtype(name: str | None):
     return table[name]
 
 
-def environment(device: str, world: dist.World) -> dict:
+def environment(device: str, world: distributed.World) -> dict:
     from importlib.metadata import PackageNotFoundError, version
 
     versions = {"python": platform.python_version()}
@@ -73,14 +74,14 @@ def evaluate(opts: EvalOptions) -> dict:
     t_start = time.time()
     if opts.seed is None:  # a recipe's seed is honoured; an explicit one wins
         opts = dataclasses.replace(opts, seed=opts.recipe.get("seed", 0))
-    world, device = dist.setup(opts.device)
+    world, device = distributed.setup_device(opts.device)
     try:
         return _evaluate(opts, world, device, t_start)
     finally:
-        dist.finish(world)
+        world.close()
 
 
-def _evaluate(opts: EvalOptions, world: dist.World, device: str, t_start: float) -> dict:
+def _evaluate(opts: EvalOptions, world: distributed.World, device: str, t_start: float) -> dict:
     torch.manual_seed(opts.seed)
     source = ModelSource(opts.model, device=device, dtype=_dtype(opts.dtype))
     ctx = opts.train_context or source.training_context()
@@ -111,7 +112,7 @@ def _evaluate(opts: EvalOptions, world: dist.World, device: str, t_start: float)
             work[task] = retrieval.make_mqar_items(recipe[task], cfg.vocab_size, opts.seed)
         elif task in sections:
             work[task] = retrieval.make_items(task, recipe[task], haystack, codec, opts.seed, bytes_per_token)
-    mine = {k: dist.shard(v, world) for k, v in work.items()}
+    mine = {k: distributed.shard(v, world) for k, v in work.items()}
 
     records: list[dict] = []
     seconds: dict[str, float] = {}
@@ -133,8 +134,8 @@ def _evaluate(opts: EvalOptions, world: dist.World, device: str, t_start: float)
             del model
             gc.collect()
 
-    records = dist.gather(records, world)
-    timing = dist.gather([seconds], world)
+    records = world.all_gather(records)
+    timing = world.all_gather([seconds])
     order = {v.name: i for i, v in enumerate(variants)}
     records.sort(key=lambda r: (order[r["variant"]], r["kind"], r["length"], -1 if r.get("depth") is None else r["depth"],
                                 r.get("window", r.get("sample", 0))))

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from mc_retrofit import tasks
 from mc_retrofit.errors import MCError
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
@@ -78,7 +79,7 @@ def load_texts(source: str | Path, text_field: str = "text", split: str | None =
     if not p.exists():
         raise MCError(f"{p} does not exist")
     if p.is_file() and p.suffix == ".txt":
-        return [(p.name, p.read_text(encoding="utf-8", errors="replace"))]
+        return _decoded(tasks.read_documents(p))
     if p.is_file() and p.suffix in (".jsonl", ".json"):
         out = []
         with p.open(encoding="utf-8") as f:
@@ -98,10 +99,10 @@ def load_texts(source: str | Path, text_field: str = "text", split: str | None =
     if p.is_dir() and ((p / "dataset_info.json").is_file() or (p / "dataset_dict.json").is_file()):
         return _from_datasets(p, text_field, split)
     if p.is_dir():
-        files = sorted(p.glob("*.txt"))
-        if not files:
+        docs = tasks.read_documents(p)
+        if not docs:
             raise MCError(f"{p} has no .txt files and is not a dataset saved with datasets' save_to_disk")
-        return [(f.name, f.read_text(encoding="utf-8", errors="replace")) for f in files]
+        return _decoded(docs)
     raise MCError(f"{p}: expected a .txt or .jsonl file, a folder of .txt files, or a saved datasets dataset")
 
 
@@ -120,11 +121,17 @@ def _from_datasets(path: Path, text_field: str, split: str | None) -> list[tuple
     return [(f"{path.name}[{i}]", t) for i, t in enumerate(ds[text_field]) if isinstance(t, str)]
 
 
-def default_texts() -> list[tuple[str, str]]:
-    """The evaluation-only Gutenberg books (never used in training)."""
-    from mc_retrofit import tasks
+def _decoded(docs: list[tuple[str, bytes]]) -> list[tuple[str, str]]:
+    """``--data`` text as text mode reads it: UTF-8 (bad bytes replaced), universal newlines."""
+    return [(name, data.decode("utf-8", errors="replace").replace("\r\n", "\n").replace("\r", "\n"))
+            for name, data in docs]
 
-    return [(n, tasks.load_book(n).decode("utf-8", errors="replace")) for n in tasks.book_names("eval")]
+
+def default_texts() -> list[tuple[str, str]]:
+    """The evaluation-only Gutenberg books (never used in training), their bytes decoded as
+    they are (the committed evaluations were measured on these exact texts)."""
+    books = tasks.read_documents(tasks.gutenberg_dir(), "eval")
+    return [(name, data.decode("utf-8", errors="replace")) for name, data in books]
 
 
 def tokenize_documents(texts: list[tuple[str, str]], codec: Codec) -> list[tuple[str, torch.Tensor]]:

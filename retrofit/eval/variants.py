@@ -15,7 +15,8 @@ import torch
 
 from mc_retrofit.config import CONFIG_NAME, MCConfig
 from mc_retrofit.errors import MCError
-from mc_retrofit.model import convert, export_metadata, gate_modules, load, load_base, resolve_path
+from mc_retrofit.checkpoints import open_checkpoint
+from mc_retrofit.model import convert, gate_modules, load, load_base
 
 BASE = "base"
 OWN = "model"
@@ -68,19 +69,16 @@ class ModelSource:
 
     def __init__(self, path: str, device: str = "cpu", dtype: torch.dtype | None = None):
         self.spec = str(path)
-        self.path = resolve_path(path)
+        self.checkpoint = open_checkpoint(path)  # configs only: no weight is read yet
+        self.path = self.checkpoint.path
         self.device = device
         self.dtype = dtype
-        self.exported = self.path.is_file()
-        self.converted = self.exported or (self.path / CONFIG_NAME).is_file()
+        self.exported = self.checkpoint.exported
+        self.converted = self.checkpoint.converted
         self._base = None
 
     def own_config(self) -> MCConfig | None:
-        if not self.converted:
-            return None
-        if self.exported:  # from the metadata alone: no need to build the model for its config
-            return MCConfig.from_json(export_metadata(self.path)["mc_config"])
-        return MCConfig.load(self.path)
+        return self.checkpoint.mc_config
 
     def base(self):
         """The unconverted base model (loaded once)."""
@@ -88,12 +86,12 @@ class ModelSource:
             if self.exported:
                 # An exported file holds a converted model: with every cache weight at 0 it
                 # computes exactly what the base model computes.
-                model = load(self.path, dtype=self.dtype)  # --dtype applies to exported files too
+                model = load(self.checkpoint, dtype=self.dtype)  # --dtype applies to exported files too
                 with torch.no_grad():
                     for gate in gate_modules(model).values():
                         gate.cache_weight.zero_()
             else:
-                model = load_base(self.path, dtype=self.dtype)
+                model = load_base(self.checkpoint, dtype=self.dtype)
             self._base = model.to(self.device).eval()
         return self._base
 
@@ -101,7 +99,7 @@ class ModelSource:
         if variant.name == BASE:
             return self.base()
         if variant.source == OWN:
-            return load(self.path, dtype=self.dtype).to(self.device).eval()
+            return load(self.checkpoint, dtype=self.dtype).to(self.device).eval()
         if self.exported:
             raise MCError(
                 "an exported file can only be compared with its own configuration; give the original "

@@ -65,7 +65,7 @@ def run_id(model, args: FinetuneArgs, train: torch.Tensor, held: torch.Tensor) -
     for t in (train, held):  # bytes of text as bytes (not 8x as int64)
         t = t.to(torch.uint8) if t.dim() == 1 else t
         data.update(t.contiguous().cpu().numpy().tobytes())
-    described = {"args": asdict(args), "mc_config": model.mc_config.to_dict(), "config": config,
+    described = {"args": asdict(args), "mc_config": model.mc.config.to_dict(), "config": config,
                  "weights": weights.hexdigest(), "data": data.hexdigest()}
     return _digest(json.dumps(described, sort_keys=True, default=str).encode())
 

@@ -9,7 +9,7 @@ import torch
 
 from ..errors import MCError
 from ..eval_only import check_not_eval_only
-from ..tasks import EVAL_ONLY
+from ..tasks import EVAL_ONLY, read_documents
 
 
 def read_texts(data) -> bytes:
@@ -27,13 +27,12 @@ def read_texts(data) -> bytes:
         if not path.exists():
             raise MCError(f"data path {path} does not exist")
         if path.is_dir():
-            files = sorted(p for p in path.glob("*.txt") if p.name not in EVAL_ONLY)
-            if not files:
+            docs = read_documents(path, "train")
+            if not docs:
                 raise MCError(f"no training .txt files in {path} (evaluation-only books are skipped)")
-            parts = [p.read_bytes() for p in files]
-            for p, part in zip(files, parts):
-                check_not_eval_only(part, str(p))
-            out = b"\n\n".join(parts)
+            for name, part in docs:
+                check_not_eval_only(part, str(path / name))
+            out = b"\n\n".join(part for _, part in docs)
         else:
             if path.name in EVAL_ONLY:
                 raise MCError(f"{path.name} is an evaluation-only book; do not train on it")

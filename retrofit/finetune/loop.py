@@ -41,7 +41,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from .. import distributed as finetune_dist
+from .. import distributed
 from ..errors import MCError
 from ..files import check_target
 from ..model import gate_parameters  # noqa: F401 (part of this face)
@@ -186,17 +186,16 @@ def finetune(model, texts_or_dataset, *, steps: int = 200, seq_len: int = 2048, 
     the processes; rank 0 logs and writes."""
     from tqdm.auto import tqdm
 
-    from ..model import save_converted
+    from ..model import require_converted, save_converted
 
-    if getattr(model, "mc_config", None) is None:
-        raise MCError("model is not converted; call mc_retrofit.convert(model, MCConfig(...)) first")
+    state = require_converted(model)
     _check_args(steps, seq_len, batch, warmup, lr, tbptt, state_passing, grad_checkpointing, weight_decay,
                 heldout_share)
     if resume and out is None:
         raise MCError("resume needs out (the checkpoint lives next to it)")
     if out is not None:
         # --force replaces only an earlier converted model, never the one this model came from.
-        check_target(Path(out).absolute(), force, kind="converted", sources=[getattr(model, "mc_source_dir", None)])
+        check_target(Path(out).absolute(), force, kind="converted", sources=[state.source_dir])
         ckpt_path = checkpoint_dir(out)
         if not resume and ckpt_path.exists():  # a fresh run would overwrite it at its first checkpoint
             if not force:
@@ -220,12 +219,12 @@ def finetune(model, texts_or_dataset, *, steps: int = 200, seq_len: int = 2048, 
     if int(max(t.max() for t in tokens)) >= vocab or int(min(t.min() for t in tokens)) < 0:
         raise MCError(f"the data has tokens outside the model's vocabulary (0..{vocab - 1})"
                       + ("" if rows else ": byte-level models only"))
-    check_reads_cache(model.mc_config, seq_len, tbptt, state_passing)  # the data's own errors first
+    check_reads_cache(state.config, seq_len, tbptt, state_passing)  # the data's own errors first
 
     params = gate_parameters(model)
     if not params:
         raise MCError("the model has no MC gate parameters to train")
-    dist = finetune_dist.setup(model, batch)
+    dist = distributed.setup(model, batch)
     if not dist.main:
         log, progress = (lambda s: None), False
     device = next(model.parameters()).device
@@ -237,7 +236,7 @@ def finetune(model, texts_or_dataset, *, steps: int = 200, seq_len: int = 2048, 
     n_train = sum(p.numel() for _, p in params)
     n_total = sum(p.numel() for p in model.parameters())
     log(f"trainable: {n_train} gate parameters of {n_total} ({100 * n_train / n_total:.4f}% of the model)"
-        + (f"; {dist.world} processes, {batch // dist.world} windows each" if dist.world > 1 else ""))
+        + (f"; {dist.size} processes, {batch // dist.size} windows each" if dist.size > 1 else ""))
 
     opt = torch.optim.AdamW([p for _, p in params], lr=lr, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(warmup, steps))
@@ -254,7 +253,7 @@ def finetune(model, texts_or_dataset, *, steps: int = 200, seq_len: int = 2048, 
     if resume:
         if not (ckpt / STATE_NAME).is_file():
             raise MCError(f"no checkpoint to resume at {ckpt}")
-        step, carry = _load_checkpoint(ckpt, model, opt, sched, sampler, args, dist.rank, dist.world, run, batch)
+        step, carry = _load_checkpoint(ckpt, model, opt, sched, sampler, args, dist.rank, dist.size, run, batch)
         log(f"resumed from {ckpt} at step {step}")
 
     def heldout() -> float:
@@ -277,12 +276,12 @@ def finetune(model, texts_or_dataset, *, steps: int = 200, seq_len: int = 2048, 
     try:
         _checkpointing(model, grad_checkpointing)
         model.train(grad_checkpointing or was_training)  # transformers checkpoints only in training mode
-        trainee = finetune_dist.wrap(model, dist)
+        trainee = distributed.wrap(model, dist)
         no_sync = getattr(trainee, "no_sync", None) if tbptt is not None else None
         bar = tqdm(total=steps, initial=step, desc="finetune gates", disable=not progress, dynamic_ncols=True)
         while step < end:
             windows, continued = sampler.next()
-            windows = dist.shard(windows).to(device)
+            windows = dist.rows(windows).to(device)
             opt.zero_grad(set_to_none=True)
             try:
                 loss, carry = window_loss_and_backward(
@@ -327,7 +326,6 @@ def finetune(model, texts_or_dataset, *, steps: int = 200, seq_len: int = 2048, 
 
             shutil.rmtree(ckpt, ignore_errors=True)
         log(f"wrote {out}")
-    dist.barrier()
-    dist.close()
+    dist.close()  # every rank waits for rank 0's save
     return {"step": step, "train_loss": train_loss, "heldout_loss": held_loss, "history": history}
 

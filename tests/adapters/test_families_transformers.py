@@ -52,7 +52,7 @@ def test_oracle_without_mc_equals_transformers(family):
     x = torch.randint(0, 64, (2, T))
     cfg = MCConfig(segment_size=7, cache_weight=0.0)
     converted = mc_retrofit.convert(copy.deepcopy(base), cfg)
-    assert (logits(with_oracle(converted, converted.mc_config), x) - logits(base, x)).abs().max() <= 1e-4
+    assert (logits(with_oracle(converted, converted.mc.config), x) - logits(base, x)).abs().max() <= 1e-4
 
 
 @pytest.mark.parametrize("family", TRANSFORMERS_FAMILIES)
@@ -68,7 +68,7 @@ def test_mc_equals_token_by_token_oracle(family, aggregation, segment_size):
         for gate in mc_retrofit.model.gate_modules(model).values():
             gate.cache_weight.mul_(torch.linspace(0.5, 1.0, gate.num_heads))
     got = logits(model, x)
-    want = logits(with_oracle(model, model.mc_config), x)
+    want = logits(with_oracle(model, model.mc.config), x)
     assert (got - logits(base, x)).abs().max() > 1e-3, "MC should change the output here"
     tol = 2e-4 if family == "rwkv4" else 1e-4
     assert (got - want).abs().max() <= tol
@@ -90,7 +90,7 @@ def test_selected_layers_only(family):
     gates = mc_retrofit.model.gate_modules(model)
     assert [g.layer_idx for g in gates.values()] == [1]
     x = torch.randint(0, 64, (1, 20))
-    want = logits(with_oracle(model, model.mc_config), x)
+    want = logits(with_oracle(model, model.mc.config), x)
     assert (logits(model, x) - want).abs().max() <= 2e-4
 
 

@@ -1,4 +1,4 @@
-"""recipes/fast_chunk.py: the chunkwise recurrences used while training fla families on CPU
+"""adapters/fla/chunk.py: the chunkwise recurrences used while training fla families on CPU
 against fla's own naive (per-token) recurrences, forward and gradients, and a whole tiny
 model of each family with and without the chunkwise routing."""
 from __future__ import annotations
@@ -15,7 +15,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:Triton is not supported")
 from conftest import ROOT  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "recipes"))
-import fast_chunk  # noqa: E402
+from mc_retrofit.adapters.fla import chunk as fast_chunk  # noqa: E402
 import families  # noqa: E402
 
 from fla.ops.delta_rule.naive import delta_rule_recurrence  # noqa: E402

@@ -157,8 +157,9 @@ def test_gpu_tensors_bypass_the_routing():
     """Only CPU tensors are routed: the dispatcher keeps fla's original op for others."""
     import fla.layers.gla as gla_layer
 
-    op = gla_layer.__dict__["__mc_wrapped__"]["chunk_gla"] if "__mc_wrapped__" in gla_layer.__dict__ \
-        else gla_layer.chunk_gla
+    from mc_retrofit import compat
+
+    op = compat.PATCHES[("fla.layers.gla", "chunk_gla", "fla-cpu")].replacement  # under any MC wrapper
     assert op.__mc_cpu_ref__ is fla_cpu.gla_ref
     from fla.ops.gla import chunk_gla
 

@@ -32,7 +32,7 @@ def test_rwkv7_checkpoint_cli_round_trip_reproduces_rwkv_cpp(tmp_path):
     ids = torch.tensor([[0x22, 0x69, 0x6E]])
     for src in (tmp_path / "conv", tmp_path / "m.safetensors"):
         model = mc.load(src)
-        model.mc_config.segment_size = 64  # one open segment: nothing cached is read
+        model.mc.config.segment_size = 64  # one open segment: nothing cached is read
         with torch.no_grad():
             got = model(ids).logits[0, -1]
         assert (got - want).abs().max() <= 1e-5

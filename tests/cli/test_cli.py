@@ -57,7 +57,7 @@ def test_convert_inspect_export_flow(orig, tmp_path):
 def test_builtin_default_converts(tmp_path):
     r = run("convert", "builtin:mamba2-byte", "--out", tmp_path / "c", "--segment-size", 128)
     assert r.exit_code == 0, r.output
-    assert mc_retrofit.load(tmp_path / "c").mc_config.segment_size == 128
+    assert mc_retrofit.load(tmp_path / "c").mc.config.segment_size == 128
 
 
 def test_no_overwrite_without_force(orig, tmp_path):

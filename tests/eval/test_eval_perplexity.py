@@ -11,7 +11,8 @@ from hypothesis import given, settings, strategies as st
 
 import mc_retrofit
 from mc_retrofit.errors import MCError
-from mc_retrofit.eval import dist, forward, perplexity
+from mc_retrofit import distributed as dist
+from mc_retrofit.eval import forward, perplexity
 
 from conftest import tiny_model
 

@@ -167,7 +167,7 @@ def test_cli_writes_a_loadable_converted_dir(base_dir, tmp_path):
     assert r.exit_code == 0, r.output
     assert "trainable:" in r.output and "finetuned" in r.output
     model = mr.load(out)
-    assert model.mc_config.gate_source == "learned" and model.mc_config.segment_size == 8
+    assert model.mc.config.gate_source == "learned" and model.mc.config.segment_size == 8
     weights = [v for k, v in gate_state_dict(model).items() if k.endswith("cache_weight")]
     assert weights and any(bool((w != 0).any()) for w in weights)  # started at 0 (base model), then trained
     base = tiny_model("mamba2", vocab_size=256).state_dict()

@@ -10,6 +10,7 @@ import torch
 import torch.multiprocessing as mp
 
 import mc_retrofit as mr
+from mc_retrofit.distributed import cpu_numerics
 from mc_retrofit.finetune import finetune
 from mc_retrofit.finetune.data import WindowSampler, split_heldout
 from mc_retrofit.model import gate_state_dict
@@ -37,7 +38,7 @@ def _free_port() -> int:
 def _worker(rank: int, world: int, port: int, tmp: str) -> None:
     import torch.distributed as dist
 
-    torch.set_flush_denormal(True)
+    cpu_numerics()
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank),
                       LOCAL_RANK=str(rank))

@@ -169,7 +169,7 @@ def test_D4_export_force_refuses_what_mc_retrofit_did_not_write(root, tmp_path):
     assert run("export", root / "conv", "--out", exported).exit_code == 0
     one_line_error(run("export", root / "conv", "--out", exported), "already exists", "--force")
     assert run("export", root / "conv", "--out", exported, "--force").exit_code == 0
-    assert mr.load(exported).mc_config.segment_size == 8
+    assert mr.load(exported).mc.config.segment_size == 8
 
 
 def test_D5_eval_without_force_keeps_an_existing_folder(root, tmp_path):
@@ -253,7 +253,7 @@ def test_D6_racing_converts_keep_the_first_finished_output(root, tmp_path):
                        ["convert", root / "orig", "--out", out, "--segment-size", 7])
     _assert_second_kept(err, theirs, out, tmp_path / "conv-2")
     assert json.loads((out / "mc_config.json").read_text())["segment_size"] == 7
-    assert mr.load(tmp_path / "conv-2").mc_config.segment_size == 5
+    assert mr.load(tmp_path / "conv-2").mc.config.segment_size == 5
 
 
 def test_D7_racing_exports_keep_the_first_finished_output(root, tmp_path):
@@ -262,8 +262,8 @@ def test_D7_racing_exports_keep_the_first_finished_output(root, tmp_path):
     assert run("convert", root / "orig", "--out", conv7, "--segment-size", 7).exit_code == 0
     err, theirs = race(tmp_path, out, ["export", root / "conv", "--out", out], ["export", conv7, "--out", out])
     _assert_second_kept(err, theirs, out, tmp_path / "m-2.safetensors")
-    assert mr.load(out).mc_config.segment_size == 7
-    assert mr.load(tmp_path / "m-2.safetensors").mc_config.segment_size == 8
+    assert mr.load(out).mc.config.segment_size == 7
+    assert mr.load(tmp_path / "m-2.safetensors").mc.config.segment_size == 8
 
 
 def test_D8_racing_evals_keep_the_first_finished_output(root, tmp_path):
@@ -333,7 +333,7 @@ def test_W20_export_suffix_is_case_insensitive(root, tmp_path, name):
     r = run("export", root / "conv", "--out", out)
     assert r.exit_code == 0, r.output
     assert out.is_file()
-    assert mr.load(out).mc_config.segment_size == 8
+    assert mr.load(out).mc.config.segment_size == 8
 
 
 def test_W22_every_written_file_follows_the_umask(root, tmp_path):

@@ -324,7 +324,7 @@ def test_W21_mcconfig_refuses_an_unreadable_format_version():
 # -- crashes and unclear messages ---------------------------------------------------------
 def test_api_convert_takes_a_dict_config():
     model = mc_retrofit.convert(tiny_model("mamba2"), {"segment_size": 64, "aggregation": "soup"})
-    assert (model.mc_config.segment_size, model.mc_config.aggregation) == (64, "gated")
+    assert (model.mc.config.segment_size, model.mc.config.aggregation) == (64, "gated")
     with pytest.raises(MCError, match="segmnet_size"):
         mc_retrofit.convert(tiny_model("mamba2"), {"segmnet_size": 64})
     with pytest.raises(MCError, match="MCConfig or a dict"):

@@ -26,7 +26,7 @@ else:
     from hypothesis import HealthCheck, given, settings
     from hypothesis import strategies as st
 
-    from mc_retrofit.core import readout_reference
+    from mc_retrofit.core import ReadInputs, readout_reference
     from mc_retrofit.errors import MCError
     from mc_retrofit.kernels import readout
     from mc_retrofit.kernels import readout_op
@@ -59,9 +59,9 @@ else:
         return x, nv
 
     def call(fn, x, nv, agg, layout, top_k=2, **extra):
-        return fn(x["q"], x["states"], x["online"], x["u"], x["pooled"], x["online_pool"], nv, aggregation=agg,
-                  top_k=top_k, scale=0.37, gate_scale=x["gate_scale"], mix=x["mix"], online_bias=0.25,
-                  layout=layout, **extra)
+        return fn(ReadInputs(x["q"], x["states"], x["online"], x["u"], x["pooled"], x["online_pool"], nv,
+                             aggregation=agg, top_k=top_k, scale=0.37, gate_scale=x["gate_scale"], mix=x["mix"],
+                             online_bias=0.25, layout=layout), **extra)
 
     def grads(fn, x, nv, agg, layout, top_k=2, **extra):
         xs = {k: v.detach().clone().requires_grad_() for k, v in x.items()}
@@ -195,8 +195,9 @@ else:
         outs = []
         for fn in (readout_triton, readout_reference):
             u = x["u"] @ W
-            y = fn(x["q"], x["states"], x["online"], u, x["pooled"], x["online_pool"], nv, aggregation="gated",
-                   top_k=2, scale=0.37, gate_scale=1.0 / (8 ** 0.5 * log_t.exp()), mix=mix, layout="kv")
+            y = fn(ReadInputs(x["q"], x["states"], x["online"], u, x["pooled"], x["online_pool"], nv,
+                              aggregation="gated", top_k=2, scale=0.37, gate_scale=1.0 / (8 ** 0.5 * log_t.exp()),
+                              mix=mix, layout="kv"))
             outs.append(torch.autograd.grad(y.square().sum(), (log_t, W, mix)))
         for a, b in zip(*outs):
             assert a.abs().sum() > 0

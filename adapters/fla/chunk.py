@@ -1,4 +1,4 @@
-"""A training-speed fix for fla families on CPU: chunkwise recurrences, same math as the references.
+"""Chunkwise forms of fla's recurrences on CPU: training speed, and one-pass boundary capture.
 
 ``mc_retrofit.adapters.fla.cpu`` routes fla's chunk ops on CPU to fla's ``naive`` *recurrent* references:
 a Python loop over every token, which autograd turns into thousands of tiny nodes (4-8 s per
@@ -23,18 +23,72 @@ references call (same signature, layout, scaling and returned state):
 layers still go through fla_cpu's *own* references (every argument mapping: scale, l2-norm
 flags, gates, GVA, state layout, stays the one fla_cpu has) and only the recurrence inside is
 chunkwise. It is used only while training/measuring in ``recipes/``
-(``families.speed_context``); the package keeps its references. ``tests/test_fast_chunk.py`` compares every op and a whole
-model's loss and gradients with and without it.
+(``families.speed_context``); the package keeps its references. ``tests/adapters/test_fast_chunk.py``
+compares every op and a whole model's loss and gradients with and without it.
+
+:func:`capturing` is the package's use: Memory Caching's one-pass path for the delta-rule
+families (DeltaNet, Gated DeltaNet, RWKV-7) runs the layer's op once inside it, and the chunkwise
+form, which carries the state from chunk to chunk anyway, also hands over the state at every
+segment end (fla_cpu's references call :func:`during_capture` to take the chunkwise form then).
+It patches nothing: the request lives in a context variable of the calling thread.
 """
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import importlib
 
 import torch
 import torch.nn.functional as F
 
 CHUNK = 16  # 16 was fastest on CPU at T = 512 for every family (32 similar; 64 slower)
+
+
+class Boundaries:
+    """The states at the ends of the segments (every ``segment_size`` tokens from the call's
+    start) of one chunkwise run, K-first ``[B, H, K, V]`` fp32, in order."""
+
+    def __init__(self, segment_size: int):
+        self.segment_size = segment_size
+        self.states: list[torch.Tensor] = []
+        # a chunk size that divides the segment, so every segment end is a chunk end
+        self.chunk = max(c for c in range(1, min(CHUNK, segment_size) + 1) if segment_size % c == 0)
+
+    def after_chunk(self, i: int, C: int, T: int, S: torch.Tensor) -> None:
+        end = (i + 1) * C
+        if end <= T and end % self.segment_size == 0:
+            self.states.append(S)
+
+
+_CAPTURE: contextvars.ContextVar[Boundaries | None] = contextvars.ContextVar("mc_chunk_capture", default=None)
+
+
+@contextlib.contextmanager
+def capturing(segment_size: int):
+    """Inside the block, the fla_cpu references of this thread run their recurrence chunkwise
+    and record the state at every segment end into the :class:`Boundaries` yielded."""
+    sink = Boundaries(segment_size)
+    token = _CAPTURE.set(sink)
+    try:
+        yield sink
+    finally:
+        _CAPTURE.reset(token)
+
+
+def during_capture(naive, chunked):
+    """The recurrence a fla_cpu reference runs: ``chunked`` inside :func:`capturing`, else ``naive``."""
+    return naive if _CAPTURE.get() is None else chunked
+
+
+def _chunk_size(C):
+    sink = _CAPTURE.get()
+    return C or (CHUNK if sink is None else sink.chunk)
+
+
+def _record(i, C, T, S):
+    sink = _CAPTURE.get()
+    if sink is not None:
+        sink.after_chunk(i, C, T, S)
 
 
 # -- helpers ---------------------------------------------------------------------------
@@ -76,7 +130,7 @@ def gated_delta_core(q, k, v, beta, g, S, C=None):
     """Gated delta rule ``S_t = e^{g_t} S_{t-1} + k_t beta_t (v_t - k_t^T e^{g_t} S_{t-1})^T``,
     ``o_t = q_t^T S_t``; ``g`` [B, H, T] (None: no gate), ``beta`` [B, H, T]."""
     B, H, T, K = q.shape
-    C = C or CHUNK
+    C = _chunk_size(C)
     pad = (-T) % C
     if g is None:
         g = q.new_zeros(B, H, T)
@@ -99,6 +153,7 @@ def gated_delta_core(q, k, v, beta, g, S, C=None):
         v_new = u[:, :, i] - w[:, :, i] @ S
         outs.append(q_decayed[:, :, i] @ S + attn[:, :, i] @ v_new)
         S = S * end[:, :, i, None, None] + k_to_end[:, :, i].transpose(-1, -2) @ v_new
+        _record(i, C, T, S)
     o = torch.stack(outs, 2).reshape(B, H, T + pad, -1)[:, :, :T]
     return o, S
 
@@ -106,7 +161,7 @@ def gated_delta_core(q, k, v, beta, g, S, C=None):
 def gla_core(q, k, v, gk, S, C=None):
     """GLA ``S_t = diag(e^{gk_t}) S_{t-1} + k_t v_t^T``, ``o_t = q_t^T S_t``; gk [B, H, T, K]."""
     B, H, T, K = q.shape
-    C = C or CHUNK
+    C = _chunk_size(C)
     pad = (-T) % C
     q, k, v, gk = (_chunked(x, C, pad) for x in (q, k, v, gk))
     G = gk.cumsum(-2)
@@ -119,6 +174,7 @@ def gla_core(q, k, v, gk, S, C=None):
     for i in range(q.shape[2]):
         outs.append(o_intra[:, :, i] + q_decayed[:, :, i] @ S)
         S = S * end[:, :, i, :, None] + k_to_end[:, :, i].transpose(-1, -2) @ v[:, :, i]
+        _record(i, C, T, S)
     o = torch.stack(outs, 2).reshape(B, H, T + pad, -1)[:, :, :T]
     return o, S
 
@@ -129,7 +185,7 @@ def dplr_core(q, k, v, a, b, gk, S, C=None):
     With the pseudo-values ``u_t = a_t^T S_{t-1}`` the state is a GLA over two sources (k with
     v, b with u); inside a chunk ``u = (I - A_ab)^{-1} (A_ak v + (a e^{G_{t-1}}) S_0)``."""
     B, H, T, K = q.shape
-    C = C or CHUNK
+    C = _chunk_size(C)
     pad = (-T) % C
     q, k, v, a, b, gk = (_chunked(x, C, pad) for x in (q, k, v, a, b, gk))
     G = gk.cumsum(-2)
@@ -152,6 +208,7 @@ def dplr_core(q, k, v, a, b, gk, S, C=None):
         u = u0[:, :, i] + wS
         S = (S * end[:, :, i, :, None] + k_to_end[:, :, i].transpose(-1, -2) @ v[:, :, i]
              + b_to_end[:, :, i].transpose(-1, -2) @ u)
+        _record(i, C, T, S)
     o = torch.stack(outs, 2).reshape(B, H, T + pad, -1)[:, :, :T]
     return o, S
 

@@ -1,0 +1,189 @@
+"""What is at a path: :func:`open_checkpoint` names the kind of checkpoint and reads its configs.
+
+Every command and ``load``/``load_base``/``describe`` ask this one function, so a path is
+recognised, and refused, the same way everywhere. Kinds:
+
+- ``original``: a Hugging Face-format directory (``config.json`` and the family's weights);
+- ``converted``: the same plus ``mc_config.json`` and ``mc_gates.safetensors``;
+- ``exported``: one ``.safetensors`` file (the suffix in any case) whose metadata holds
+  both configs (``mc_retrofit``, ``hf_config``, ``mc_config``).
+
+Where it comes from: a path on disk, ``builtin:NAME`` (shipped in :mod:`mc_retrofit.builtin`),
+or an ``org/name[@revision]`` Hugging Face Hub id, which :func:`resolve_hub` will fetch
+(not yet: it says so). A path that exists on disk is always the local one.
+
+Only configs and safetensors headers are read here; no tensor is loaded.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import types
+from dataclasses import dataclass
+from pathlib import Path
+
+from .config import CONFIG_NAME, MCConfig
+from .errors import MCError
+
+GATES_NAME = "mc_gates.safetensors"
+EXPORT_FORMAT = "mc-retrofit/1"
+BUILTIN_PREFIX = "builtin:"
+# org/name or org/name@revision: the shape of a Hub id (a local path that exists wins).
+HUB_ID = re.compile(r"(?P<repo>[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*)(?:@(?P<revision>[^@\s]+))?")
+
+KINDS = ("original", "converted", "exported")
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """One checkpoint, identified: ``kind`` (see :data:`KINDS`), where it lies, its configs."""
+
+    spec: str  # what the caller gave: a path, builtin:NAME or a Hub id
+    path: Path  # on disk: the directory, or the exported file
+    kind: str
+    hf_config: object  # the family's transformers config
+    mc_config: MCConfig | None  # None for an original checkpoint
+    origin: str = "local"  # local, builtin or hub
+
+    @property
+    def converted(self) -> bool:
+        """A converted directory or an exported file: both carry their own MCConfig."""
+        return self.kind != "original"
+
+    @property
+    def exported(self) -> bool:
+        return self.kind == "exported"
+
+    @property
+    def source_dir(self) -> Path | None:
+        """The directory whose side files (tokenizer, training.json, README) belong to it."""
+        return None if self.exported else self.path
+
+    @property
+    def weight_files(self) -> list[Path]:
+        """The files that hold the weights (for an export, the file itself)."""
+        return [self.path] if self.exported else weight_files(self.path)
+
+
+def open_checkpoint(path) -> Checkpoint:
+    """The :class:`Checkpoint` at ``path`` (a path, ``builtin:NAME``, a Hub id, or a
+    Checkpoint, returned as it is), or one line saying why it is none."""
+    if isinstance(path, Checkpoint):
+        return path
+    p, origin = locate(path)
+    if p.is_file():
+        if not exports_to_file(p):  # the suffix in any case, as export writes it
+            raise MCError(f"{p} is not a .safetensors file exported by mc-retrofit")
+        meta = export_metadata(p)
+        try:
+            hf = json.loads(meta["hf_config"])
+        except json.JSONDecodeError:
+            raise MCError(f"{p} has no readable model config in its metadata") from None
+        return Checkpoint(str(path), p, "exported", config_from_dict(hf, where=str(p)),
+                          MCConfig.from_json(meta["mc_config"]), origin)
+    hf = read_hf_config(p)
+    converted = (p / CONFIG_NAME).is_file()
+    return Checkpoint(str(path), p, "converted" if converted else "original", hf,
+                      MCConfig.load(p) if converted else None, origin)
+
+
+def locate(path) -> tuple[Path, str]:
+    """``(path on disk, origin)`` of a path, ``builtin:NAME`` or Hub id; nothing is read."""
+    if not isinstance(path, (str, os.PathLike)):  # str() of a model object is a 1 KB "file name"
+        raise MCError(f"expected a path (a directory, a .safetensors file or builtin:NAME), not {type(path).__name__}")
+    text = str(path)
+    if text.startswith(BUILTIN_PREFIX):
+        from .builtin import builtin_path
+
+        return builtin_path(text[len(BUILTIN_PREFIX):]), "builtin"
+    p = Path(text)
+    if p.exists():
+        return p, "local"
+    hub = HUB_ID.fullmatch(text)
+    if hub is not None:
+        return resolve_hub(hub["repo"], hub["revision"]), "hub"
+    raise MCError(f"{p} does not exist")
+
+
+def resolve_hub(repo: str, revision: str | None = None) -> Path:
+    """The local directory of Hub repository ``repo`` at ``revision``.
+
+    The one place Hub ids resolve: the Hub issue downloads here (e.g.
+    ``huggingface_hub.snapshot_download``) and returns the snapshot's folder; everything
+    after it (kinds, configs, checks) is the same as for a local directory."""
+    spec = repo + (f"@{revision}" if revision else "")
+    fetch = f"hf download {repo}" + (f" --revision {revision}" if revision else "")
+    raise MCError(f"{spec} does not exist locally, and Hub ids are not supported yet: download it first "
+                  f"({fetch} --local-dir DIR) and give DIR")
+
+
+def resolve_path(path) -> Path:
+    """The path on disk of a path, ``builtin:NAME`` or Hub id (see :func:`locate`)."""
+    return locate(path)[0]
+
+
+def exports_to_file(out) -> bool:
+    """``export`` writes one file when ``out`` ends in .safetensors, in any case (E.SAFETENSORS
+    too: a directory by that name would surprise), else a converted directory."""
+    return Path(out).suffix.lower() == ".safetensors"
+
+
+def weight_files(directory: Path) -> list[Path]:
+    """A checkpoint directory's safetensors weight files (the MC gates are not weights)."""
+    return sorted(p for p in directory.glob("*.safetensors") if p.name != GATES_NAME)
+
+
+def first_line(e: Exception) -> str:
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__
+
+
+def read_hf_config(directory: Path):
+    """The transformers config of a Hugging Face-format directory, with clear errors."""
+    cfg_path = directory / "config.json"
+    if not directory.is_dir():
+        raise MCError(f"{directory} is not a directory of a Hugging Face-format model")
+    if not cfg_path.is_file():
+        raise MCError(f"{directory} has no config.json: not a Hugging Face-format model directory")
+    try:
+        data = json.loads(cfg_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise MCError(f"{cfg_path} is not valid JSON ({e}); the file is broken") from None
+    return config_from_dict(data, where=str(cfg_path))
+
+
+def config_from_dict(data: dict, where: str = "config"):
+    from mc_retrofit.adapters import adapter_for
+
+    if not isinstance(data, dict) or "model_type" not in data:
+        raise MCError(f"{where} has no model_type: not a Hugging Face model config")
+    adapter = adapter_for(types.SimpleNamespace(model_type=data["model_type"]))
+    cls = adapter.model_class().config_class
+    try:
+        return cls.from_dict(cls._decode_special_floats(data))  # {"__float__": "Infinity"} -> inf
+    except Exception as e:  # noqa: BLE001 - surface as one line
+        raise MCError(f"{where} could not be read as a {adapter.family} config: {first_line(e)}") from None
+
+
+def export_metadata(path: Path) -> dict:
+    """The metadata of a file ``export`` wrote, or one line saying why it is not one."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except Exception as e:  # noqa: BLE001
+        raise MCError(f"{path} is not a readable safetensors file ({first_line(e)}); it may be corrupted") from None
+    fmt = meta.get("mc_retrofit")
+    if fmt is None:
+        raise MCError(f"{path} was not exported by mc-retrofit (no mc_retrofit metadata)")
+    if fmt != EXPORT_FORMAT:
+        if fmt.startswith("mc-retrofit/"):  # another version of this format: say which, not "not ours"
+            raise MCError(f"{path} was exported in format {fmt}; this mc-retrofit reads {EXPORT_FORMAT}: "
+                          "upgrade mc-retrofit (pip install -U mc-retrofit), or export it again with this version")
+        raise MCError(f"{path} has mc_retrofit metadata {fmt!r}, not a format mc-retrofit knows ({EXPORT_FORMAT})")
+    for key in ("hf_config", "mc_config"):
+        if key not in meta:  # a default MCConfig in place of a missing one would be a different model
+            raise MCError(f"{path} has no {key} in its metadata; the file is incomplete or was altered")
+    return meta

@@ -1,0 +1,75 @@
+"""``mc-retrofit calibrate``: training-free MC settings under a no-harm constraint."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from . import FiniteFloat, friendly
+from ..errors import MCError
+
+
+@click.command(name="calibrate")
+@click.argument("model_path", metavar="MODEL")
+@click.option("--data", required=True, help="Training text: a .txt file or a folder (evaluation-only books refused).")
+@click.option("--out", required=True, type=click.Path(), help="Converted directory to write.")
+@click.option("--seq-len", type=click.IntRange(min=64), default=2048, show_default=True,
+              help="Tokens per calibration window and retrieval row (a few times the model's context).")
+@click.option("--windows", type=click.IntRange(min=1), default=8, show_default=True, help="Text windows scored.")
+@click.option("--rows", type=click.IntRange(min=1), default=16, show_default=True, help="Retrieval rows scored.")
+@click.option("--segment-sizes", default="256", show_default=True, help="Comma-separated segment sizes to try.")
+@click.option("--margin", type=FiniteFloat(min=0), default=0.01, show_default=True,
+              help="Allowed rise of bits per token over the base model on the calibration text.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--force", is_flag=True, help="Replace an earlier mc-retrofit output at --out.")
+@friendly
+def command(model_path, data, out, seq_len, windows, rows, segment_sizes, margin, seed, force):
+    """Pick segment size, aggregation, cache weights (per layer), online bias and temperature
+    by forward passes only, keeping bits per token within --margin of the base; writes a
+    converted directory (the base itself when nothing helps) and calibration.json."""
+    import torch
+
+    from .. import model as m
+    from ..calibrate import calibrate, calibrated_model
+    from ..files import check_target
+    from ..finetune.data import read_texts
+    from ..finetune.mix import MixBuilder
+
+    check_target(Path(out).absolute(), force, kind="converted", sources=(m.resolve_path(model_path), data))
+    try:
+        sizes = tuple(int(s) for s in segment_sizes.split(",") if s.strip())
+    except ValueError:
+        raise MCError(f"--segment-sizes takes comma-separated integers like 128,256, not {segment_sizes!r}") from None
+    if not sizes or min(sizes) < 1:
+        raise MCError(f"--segment-sizes needs positive integers, not {segment_sizes!r}")
+    text = read_texts(data)
+    if not text:
+        raise MCError("the calibration data is empty")
+    base = m.load_base(model_path)
+    if base.config.vocab_size < 256 or _has_tokenizer(m.resolve_path(model_path)):
+        raise MCError("calibrate reads text as bytes: it supports byte-level models (vocabulary 256, no tokenizer) "
+                      "for now")
+    half = len(text) // 2  # windows from one half, retrieval filler from the other: no overlap
+    stream = torch.tensor(list(text[:half]), dtype=torch.long)
+    if len(stream) < seq_len + 1:
+        raise MCError(f"the calibration data has {len(text)} bytes; at least {2 * (seq_len + 1)} are needed")
+    gen = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, len(stream) - seq_len, (windows,), generator=gen)
+    text_windows = torch.stack([stream[s:s + seq_len + 1] for s in starts.tolist()])
+    retrieval = MixBuilder(text[half:], seq_len, "passkey=0.5,multikey=0.25,kv=0.25",
+                           vocab_size=base.config.vocab_size).tensors(rows, seed=seed)
+    result = calibrate(base, text_windows, retrieval, segment_sizes=sizes, margin=margin, log=click.echo)
+    model = calibrated_model(base, result)
+    m.save_converted(model, out, force=force)
+    report = {"base_bits_per_token": result.base_bits, "bits_per_token": result.bits,
+              "base_retrieval": result.base_accuracy, "retrieval": result.accuracy, "is_base": result.is_base,
+              "config": result.config.to_dict(), "layer_weights": result.layer_weights, "margin": margin,
+              "windows": windows, "rows": rows, "seq_len": seq_len, "seed": seed, "candidates": result.table}
+    (Path(out) / "calibration.json").write_text(json.dumps(report, indent=1) + "\n")
+    click.echo(f"calibrated {model_path}: {result.bits:.4f} bits/token (base {result.base_bits:.4f}), retrieval "
+               f"{result.accuracy:.3f} (base {result.base_accuracy:.3f}) -> {out}")
+
+
+def _has_tokenizer(path: Path) -> bool:
+    return path.is_dir() and any((path / n).exists() for n in ("tokenizer.json", "tokenizer_config.json"))

@@ -1,0 +1,67 @@
+"""Confidence intervals: Wilson against hand-computed values, the paired bootstrap against
+the normal approximation it converges to, and the invariants both must keep."""
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mc_retrofit.eval.stats import paired_bootstrap, wilson
+
+
+@pytest.mark.parametrize("k,n,low,high", [
+    (0, 10, 0.0, 0.2775),      # by hand: z=1.95996, centre 0.1389/1.3841, half 0.1920
+    (5, 10, 0.2366, 0.7634),
+    (10, 10, 0.7225, 1.0),
+    (57, 60, 0.8626, 0.9829),
+])
+def test_wilson_matches_hand_computed_intervals(k, n, low, high):
+    ci = wilson(k, n)
+    assert ci.estimate == pytest.approx(k / n)
+    assert ci.low == pytest.approx(low, abs=5e-4) and ci.high == pytest.approx(high, abs=5e-4)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(1, 500), st.integers(0, 1000), st.sampled_from([0.8, 0.9, 0.95, 0.99]))
+def test_wilson_is_a_proper_interval(n, permille, level):
+    k = round(permille * n / 1000)  # integers: the suite flushes denormals, which hypothesis' floats refuse
+    ci = wilson(k, n, level)
+    assert 0.0 <= ci.low <= ci.estimate <= ci.high <= 1.0
+    assert wilson(k, n, min(0.999, level + 0.005)).high >= ci.high - 1e-12  # wider at a higher level
+    assert wilson(4 * k, 4 * n, level).high - wilson(4 * k, 4 * n, level).low <= ci.high - ci.low + 1e-12
+
+
+def test_wilson_refuses_impossible_counts():
+    with pytest.raises(ValueError):
+        wilson(11, 10)
+    assert (wilson(0, 0).low, wilson(0, 0).high) == (0.0, 1.0)
+
+
+def test_paired_bootstrap_of_a_constant_difference_is_that_difference():
+    a = [0.2, 0.9, 0.5, 0.1]
+    ci = paired_bootstrap(a, [x + 0.25 for x in a])
+    assert ci.estimate == pytest.approx(0.25) and ci.low == pytest.approx(0.25) and ci.high == pytest.approx(0.25)
+
+
+def test_paired_bootstrap_approaches_the_normal_interval():
+    rng = random.Random(1)
+    a = [rng.gauss(2.0, 1.0) for _ in range(400)]
+    b = [x + rng.gauss(0.1, 0.3) for x in a]  # shared item difficulty cancels in the pairs
+    d = [y - x for x, y in zip(a, b)]
+    mean = sum(d) / len(d)
+    sd = math.sqrt(sum((x - mean) ** 2 for x in d) / (len(d) - 1))
+    half = 1.959964 * sd / math.sqrt(len(d))
+    ci = paired_bootstrap(a, b, resamples=4000, seed=3)
+    assert ci.estimate == pytest.approx(mean)
+    assert ci.low == pytest.approx(mean - half, abs=0.25 * half)
+    assert ci.high == pytest.approx(mean + half, abs=0.25 * half)
+    assert ci.high - ci.low < 0.2  # far narrower than an unpaired interval (sd of a alone is 1.0)
+
+
+def test_paired_bootstrap_needs_pairs():
+    with pytest.raises(ValueError):
+        paired_bootstrap([1.0], [1.0, 2.0])
+    assert paired_bootstrap([1.0, 2.0], [1.0, 2.0], seed=0) == paired_bootstrap([1.0, 2.0], [1.0, 2.0], seed=0)

@@ -1,0 +1,59 @@
+"""Training-free calibration: the result honours the no-harm constraint (recomputed
+independently), follows its own selection rule, and is exactly the base when nothing helps."""
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from conftest import tiny_model
+
+from mc_retrofit import MCError
+from mc_retrofit.calibrate import answer_accuracy, bits_per_token, calibrate, calibrated_model
+from mc_retrofit.finetune.mix import MixBuilder
+
+WORDS = "a quiet town by the sea where the boats come in at dawn and leave at dusk".split()
+TEXT = " ".join(random.Random(2).choice(WORDS) for _ in range(4000)).encode()
+
+
+@pytest.fixture(scope="module")
+def setup():
+    base = tiny_model("mamba2", vocab_size=256, chunk_size=16)
+    stream = torch.tensor(list(TEXT[:8000]))
+    windows = torch.stack([stream[i:i + 161] for i in range(0, 1600, 400)])
+    rows = MixBuilder(TEXT[8000:], 160, "passkey=1").tensors(4, seed=0)
+    return base, windows, rows
+
+
+def test_calibration_honours_the_margin_and_its_selection_rule(setup):
+    base, windows, rows = setup
+    result = calibrate(base, windows, rows, segment_sizes=(32, 64), margin=0.05, log=lambda s: None)
+    model = calibrated_model(base, result)
+    bits, acc = bits_per_token(model, windows), answer_accuracy(model, *rows)  # recomputed, not from the table
+    assert bits == pytest.approx(result.bits, abs=1e-6) and acc == pytest.approx(result.accuracy)
+    assert bits <= bits_per_token(base, windows) + 0.05 + 1e-6
+    assert acc >= answer_accuracy(base, *rows)
+    feasible = [r for r in result.table if r["feasible"]]
+    assert len(result.table) >= 2 * 3 + 2 + 3 + 2  # structure, then cache weight, bias, temperature
+    if not result.is_base:
+        assert result.accuracy == max(r["accuracy"] for r in feasible)
+
+
+def test_when_nothing_helps_the_result_is_exactly_the_base(setup):
+    base, windows, rows = setup
+    result = calibrate(base, windows, rows, segment_sizes=(32,), margin=0.0, log=lambda s: None)
+    if not result.is_base:  # something strictly beat the base at zero cost: still within the margin
+        assert result.bits <= result.base_bits + 1e-6 and result.accuracy > result.base_accuracy
+        return
+    model = calibrated_model(base, result)
+    x = windows[:2, :-1]
+    with torch.no_grad():
+        assert torch.equal(model(x).logits, base(x).logits)
+
+
+def test_calibrate_refuses_empty_data_and_bad_margins(setup):
+    base, windows, rows = setup
+    with pytest.raises(MCError, match="empty"):
+        calibrate(base, windows[:0], rows, log=lambda s: None)
+    with pytest.raises(MCError, match="margin"):
+        calibrate(base, windows, rows, margin=float("nan"), log=lambda s: None)
