@@ -345,11 +345,19 @@ def uninstall_patches(*layers: str) -> None:
 def patches() -> list[Patch]:
     """Every foreign symbol mc-retrofit may replace in this installation, installed or not
     (``Patch.installed`` says which): each family's op wrappers and the support they need
-    (fla's CPU routing, the generation fix), and the save redirect."""
+    (fla's CPU routing, the generation fix), the save redirect, and the chunkwise CPU forms the
+    training recipes install for a block (``adapters.fla.chunk.patched``)."""
+    import importlib.util
+
     from mc_retrofit import adapters, model
 
+    extra = list(model.SAVE_PATCHES)
+    if importlib.util.find_spec("fla") is not None:
+        from mc_retrofit.adapters.fla.chunk import FAST_PATCHES
+
+        extra += FAST_PATCHES
     found: dict[tuple, Patch] = {}
-    for patch in [*(p for a in adapters.ADAPTERS for p in a.patches()), *model.SAVE_PATCHES]:
+    for patch in [*(p for a in adapters.ADAPTERS for p in a.patches()), *extra]:
         found.setdefault(patch.key, patch)
     return list(found.values())
 

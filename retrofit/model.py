@@ -218,9 +218,11 @@ def _gates_detached(model):
 _SAVING_BASE: contextvars.ContextVar[bool] = contextvars.ContextVar("mc_saving_base", default=False)
 
 
-def save_converted(model, directory, force: bool = False, **kwargs):
+def save_converted(model, directory, force: bool = False, *, extra_files: dict | None = None, **kwargs):
     """Write a converted directory atomically (config, weights, mc_config, gates).
-    ``mc_retrofit.save``; a converted model's ``save_pretrained`` comes here too."""
+    ``mc_retrofit.save``; a converted model's ``save_pretrained`` comes here too.
+    ``extra_files``: name -> text of reports to write in the same atomic step (e.g.
+    ``calibration.json``), so the output's marker lists them as mc-retrofit's."""
     state = require_converted(model)
     adapter_of(model).prepare_save(model)
     gates = {k: v.detach().contiguous().cpu() for k, v in gate_state_dict(model).items()}
@@ -235,6 +237,8 @@ def save_converted(model, directory, force: bool = False, **kwargs):
         state.config.save(tmp)
         _copy_side_files(state.source_dir, tmp)
         save_file(gates, str(tmp / GATES_NAME), metadata={"format": "pt", "mc_retrofit": EXPORT_FORMAT})
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
     return Path(directory)
 
 

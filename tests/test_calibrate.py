@@ -57,3 +57,29 @@ def test_calibrate_refuses_empty_data_and_bad_margins(setup):
         calibrate(base, windows[:0], rows, log=lambda s: None)
     with pytest.raises(MCError, match="margin"):
         calibrate(base, windows, rows, margin=float("nan"), log=lambda s: None)
+
+
+def test_calibrate_command_writes_a_converted_directory_with_its_report(tmp_path):
+    import json
+
+    from click.testing import CliRunner
+
+    import mc_retrofit
+    from mc_retrofit.cli import main
+
+    tiny_model("mamba2", vocab_size=256, chunk_size=16).save_pretrained(tmp_path / "ckpt")
+    (tmp_path / "train.txt").write_bytes(TEXT)
+    args = ["calibrate", str(tmp_path / "ckpt"), "--data", str(tmp_path / "train.txt"), "--out", str(tmp_path / "cal"),
+            "--seq-len", "320", "--windows", "2", "--rows", "2", "--segment-sizes", "64"]
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 0, r.output
+    report = json.loads((tmp_path / "cal" / "calibration.json").read_text())
+    assert report["bits_per_token"] <= report["base_bits_per_token"] + report["margin"] + 1e-9
+    model = mc_retrofit.load(tmp_path / "cal")
+    assert model.mc.config.segment_size == 64
+    again = CliRunner().invoke(main, args)  # an existing output is never replaced without --force
+    assert again.exit_code != 0 and "--force" in again.output
+    empty = tmp_path / "empty.txt"
+    empty.write_bytes(b"")
+    r = CliRunner().invoke(main, [*args[:3], str(empty), "--out", str(tmp_path / "cal2")])
+    assert r.exit_code != 0 and "empty" in r.output and len(r.output.strip().splitlines()) == 1

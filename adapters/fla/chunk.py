@@ -36,10 +36,12 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import importlib
+import functools
 
 import torch
 import torch.nn.functional as F
+
+from ... import compat
 
 CHUNK = 16  # 16 was fastest on CPU at T = 512 for every family (32 similar; 64 slower)
 
@@ -218,12 +220,12 @@ def _init(initial_state):
     return None if initial_state is None else initial_state.float()
 
 
-def delta_rule_chunked(q, k, v, beta, initial_state=None, output_final_state=True):
-    """``fla.ops.delta_rule.naive.delta_rule_recurrence`` ([B, H, T, D], q scaled by D^-1/2)."""
-    from fla.ops.delta_rule import naive
-
+def delta_rule_chunked(q, k, v, beta, initial_state=None, output_final_state=True, *, recurrent=None):
+    """``fla.ops.delta_rule.naive.delta_rule_recurrence`` ([B, H, T, D], q scaled by D^-1/2).
+    ``recurrent``: the recurrent original, for a per-channel beta (not chunkwise here)."""
     if beta.dim() == v.dim():  # a per-channel beta: keep the recurrent reference
-        recurrent = naive.__dict__.get("__mc_fast_original__", {}).get("delta_rule_recurrence", naive.delta_rule_recurrence)
+        if recurrent is None:
+            from fla.ops.delta_rule.naive import delta_rule_recurrence as recurrent
         return recurrent(q, k, v, beta, initial_state, output_final_state)
     dtype = q.dtype
     q, k, v, beta = (x.float() for x in (q, k, v, beta))
@@ -231,7 +233,7 @@ def delta_rule_chunked(q, k, v, beta, initial_state=None, output_final_state=Tru
     return o.to(dtype), (S if output_final_state else None)
 
 
-def gated_delta_rule_chunked(q, k, v, beta, g, scale=None, initial_state=None, output_final_state=False):
+def gated_delta_rule_chunked(q, k, v, beta, g, scale=None, initial_state=None, output_final_state=False, *, recurrent=None):
     """``fla.ops.gated_delta_rule.naive.naive_recurrent_gated_delta_rule`` ([B, T, H, D])."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     q, k, v, beta, g = (x.transpose(1, 2).float() for x in (q, k, v, beta, g))
@@ -239,7 +241,7 @@ def gated_delta_rule_chunked(q, k, v, beta, g, scale=None, initial_state=None, o
     return o.transpose(1, 2).contiguous(), (S if output_final_state else None)
 
 
-def gla_chunked(q, k, v, gk, initial_state=None, output_final_state=False):
+def gla_chunked(q, k, v, gk, initial_state=None, output_final_state=False, *, recurrent=None):
     """``fla.ops.gla.naive.naive_recurrent_gla`` ([B, T, H, K], q scaled by K^-1/2)."""
     dtype = q.dtype
     q, k, v, gk = (x.transpose(1, 2).float() for x in (q, k, v, gk))
@@ -247,7 +249,7 @@ def gla_chunked(q, k, v, gk, initial_state=None, output_final_state=False):
     return o.transpose(1, 2).to(dtype), (S if output_final_state else None)
 
 
-def dplr_chunked(q, k, v, alpha, beta, gk, initial_state=None, output_final_state=True):
+def dplr_chunked(q, k, v, alpha, beta, gk, initial_state=None, output_final_state=True, *, recurrent=None):
     """``fla.ops.generalized_delta_rule.dplr.naive.dplr_recurrence`` ([B, H, T, D], q scaled
     by D^-1/2; ``alpha`` reads the state, ``beta`` writes it back)."""
     dtype = q.dtype
@@ -265,6 +267,22 @@ NAIVE = (
 )
 
 
+def _fast(fast):
+    def make(current):  # the recurrent original stays reachable for what the chunkwise form skips
+        return functools.partial(fast, recurrent=current)
+
+    return make
+
+
+# While training or measuring on CPU only (recipes/): declared in the one registry like every
+# other foreign symbol mc-retrofit replaces, and installed just for a block.
+FAST_PATCHES = tuple(
+    compat.Patch(module, name, _fast(fast), layer="fla-cpu", group="fla-chunk",
+                 why="chunkwise form of fla's naive recurrence, for CPU training and measuring (same math)")
+    for module, name, fast in NAIVE
+)
+
+
 @contextlib.contextmanager
 def patched():
     """Inside the block, fla_cpu's references run their recurrences chunkwise.
@@ -272,15 +290,5 @@ def patched():
     fla_cpu's references import fla's naive recurrence at call time, so swapping the four
     names in fla's ``naive`` modules reroutes every fla layer (with or without Memory Caching
     wrapped around it) while the block runs; on exit the recurrent ones are back."""
-    saved = []
-    for module_name, name, fast in NAIVE:
-        module = importlib.import_module(module_name)
-        originals = module.__dict__.setdefault("__mc_fast_original__", {})
-        originals.setdefault(name, getattr(module, name))
-        saved.append((module, name, getattr(module, name)))
-        setattr(module, name, fast)
-    try:
+    with compat.temporarily(FAST_PATCHES):
         yield
-    finally:
-        for module, name, old in saved:
-            setattr(module, name, old)

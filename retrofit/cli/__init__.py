@@ -127,7 +127,7 @@ def mc_given(mc: dict) -> bool:
 # Commands that live in their own modules (one module per command, so work on them does
 # not collide): each defines a click command named ``command``. Loaded lazily, so that
 # importing them cannot cycle back into this module while it is still initialising.
-LAZY_COMMANDS = {"eval": "cli.eval", "finetune": "cli.finetune", "generate": "cli.generate"}
+LAZY_COMMANDS = {"eval": "cli.eval", "finetune": "cli.finetune", "generate": "cli.generate", "calibrate": "cli.calibrate"}
 
 
 class LazyGroup(click.Group):
@@ -254,6 +254,30 @@ def export(src, out, force):
     model = m.load(source)
     m.export(model, out, force=force)
     click.echo(f"exported {src} -> {out}")
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@friendly
+def patches(as_json):
+    """Every foreign symbol mc-retrofit may replace: where, why, the versions it was written
+    against, and whether it is installed in this process."""
+    from .. import compat
+
+    rows = [{"where": p.where, "layer": p.layer, "group": p.group, "window": f"{p.dist}{p.window}",
+             "installed": p.installed, "why": p.why} for p in compat.patches()]
+    if as_json:
+        click.echo(json.dumps(rows, indent=1))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{len(rows)} foreign symbols mc-retrofit may patch")
+    for col in ("where", "layer", "window", "why"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(r["where"], r["layer"], r["window"], r["why"])
+    Console(width=200).print(table)
 
 
 if __name__ == "__main__":

@@ -36,7 +36,12 @@ def command(model_path, data, out, seq_len, windows, rows, segment_sizes, margin
     from ..finetune.data import read_texts
     from ..finetune.mix import MixBuilder
 
-    check_target(Path(out).absolute(), force, kind="converted", sources=(m.resolve_path(model_path), data))
+    from ..checkpoints import open_checkpoint
+
+    source = open_checkpoint(model_path)  # configs only: bad paths fail before any work
+    if source.converted:
+        raise MCError(f"{model_path} is already converted; calibrate an original checkpoint")
+    check_target(Path(out).absolute(), force, kind="converted", sources=(source.path, data))
     try:
         sizes = tuple(int(s) for s in segment_sizes.split(",") if s.strip())
     except ValueError:
@@ -46,8 +51,8 @@ def command(model_path, data, out, seq_len, windows, rows, segment_sizes, margin
     text = read_texts(data)
     if not text:
         raise MCError("the calibration data is empty")
-    base = m.load_base(model_path)
-    if base.config.vocab_size < 256 or _has_tokenizer(m.resolve_path(model_path)):
+    base = m.load_base(source)
+    if base.config.vocab_size < 256 or _has_tokenizer(source.path):
         raise MCError("calibrate reads text as bytes: it supports byte-level models (vocabulary 256, no tokenizer) "
                       "for now")
     half = len(text) // 2  # windows from one half, retrieval filler from the other: no overlap
@@ -61,12 +66,11 @@ def command(model_path, data, out, seq_len, windows, rows, segment_sizes, margin
                            vocab_size=base.config.vocab_size).tensors(rows, seed=seed)
     result = calibrate(base, text_windows, retrieval, segment_sizes=sizes, margin=margin, log=click.echo)
     model = calibrated_model(base, result)
-    m.save_converted(model, out, force=force)
     report = {"base_bits_per_token": result.base_bits, "bits_per_token": result.bits,
               "base_retrieval": result.base_accuracy, "retrieval": result.accuracy, "is_base": result.is_base,
               "config": result.config.to_dict(), "layer_weights": result.layer_weights, "margin": margin,
               "windows": windows, "rows": rows, "seq_len": seq_len, "seed": seed, "candidates": result.table}
-    (Path(out) / "calibration.json").write_text(json.dumps(report, indent=1) + "\n")
+    m.save_converted(model, out, force=force, extra_files={"calibration.json": json.dumps(report, indent=1) + "\n"})
     click.echo(f"calibrated {model_path}: {result.bits:.4f} bits/token (base {result.base_bits:.4f}), retrieval "
                f"{result.accuracy:.3f} (base {result.base_accuracy:.3f}) -> {out}")
 

@@ -34,12 +34,18 @@ FINETUNE_DEFAULTS = {"cache_weight": 0.0, "gate_source": "learned"}
 @click.option("--grad-checkpointing", is_flag=True,
               help="Recompute each layer in the backward (transformers' activation checkpointing) to fit long "
                    "windows; not combinable with --tbptt < --seq-len or --state-passing.")
+@click.option("--mix", default=None, metavar="ITEM=SHARE,...",
+              help="Retrieval-aware rows instead of plain text windows: shares of text, passkey, multikey and kv "
+                   "(e.g. text=0.6,passkey=0.2,multikey=0.1,kv=0.1) placed in --data's text; retrieval rows score "
+                   "their answer tokens only. Tuning phrasings never match the evaluation's.")
+@click.option("--mix-rows", type=click.IntRange(min=2), default=None,
+              help="Rows built for --mix (default: steps x batch, at least 64).")
 @click.option("--resume", is_flag=True, help="Continue from <out>.checkpoint.")
 @click.option("--force", is_flag=True, help="Overwrite --out if it exists.")
 @mc_options
 @friendly
 def command(model_path, data, out, steps, seq_len, lr, batch, warmup, seed, eval_every, tbptt, state_passing,
-            grad_checkpointing, resume, force, **mc):
+            grad_checkpointing, mix, mix_rows, resume, force, **mc):
     """Train only the Memory Caching gates of MODEL (original checkpoint or converted dir) on --data.
 
     \b
@@ -59,8 +65,17 @@ def command(model_path, data, out, steps, seq_len, lr, batch, warmup, seed, eval
         raise MCError(f"data path {data} does not exist")
     if not force:
         check_target(Path(out).absolute(), force)
-    if not read_texts(data):  # bad or empty data fails before any weight is loaded
+    text = read_texts(data)
+    if not text:  # bad or empty data fails before any weight is loaded
         raise MCError("the training data is empty")
+    if mix is not None:
+        from ..finetune.mix import parse_mix
+
+        parse_mix(mix)  # an unknown item or shares that do not sum to 1: before any loading
+        if state_passing:
+            raise MCError("--mix builds independent rows; it cannot be combined with --state-passing")
+    elif mix_rows is not None:
+        raise MCError("--mix-rows has no effect without --mix; drop it")
     ckpt = open_checkpoint(model_path)  # configs only
     if ckpt.converted:
         if any(v is not None for v in mc.values()):
@@ -73,6 +88,13 @@ def command(model_path, data, out, steps, seq_len, lr, batch, warmup, seed, eval
         config = build_config(defaults=FINETUNE_DEFAULTS, **mc)
         check_reads_cache(config, seq_len, tbptt, state_passing)  # before any weight loads
         model = m.convert(m.load_base(ckpt), config)
+    if mix is not None:
+        from ..finetune.mix import MixBuilder
+
+        n_rows = mix_rows or max(64, steps * batch)
+        data = MixBuilder(text, seq_len, mix, vocab_size=model.config.vocab_size,
+                          where=str(data)).tensors(n_rows, seed=seed)
+        click.echo(f"--mix: {n_rows} rows of {seq_len} tokens ({mix})")
     torch.manual_seed(seed)
     result = finetune(model, data, steps=steps, seq_len=seq_len, lr=lr, batch=batch, warmup=warmup, seed=seed,
                       out=out, eval_every=eval_every, resume=resume, force=force, tbptt=tbptt,

@@ -15,6 +15,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:Triton is not supported")
 from conftest import ROOT  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "recipes"))
+from mc_retrofit import compat  # noqa: E402
 from mc_retrofit.adapters.fla import chunk as fast_chunk  # noqa: E402
 import families  # noqa: E402
 
@@ -115,9 +116,10 @@ def test_patched_swaps_and_restores_the_naive_recurrences():
 
     before = gla_naive.naive_recurrent_gla
     with pytest.raises(RuntimeError, match="boom"), fast_chunk.patched():
-        assert gla_naive.naive_recurrent_gla is fast_chunk.gla_chunked
+        assert gla_naive.naive_recurrent_gla.func is fast_chunk.gla_chunked  # bound to the recurrent original
+        assert compat.patched(gla_naive, "naive_recurrent_gla") is not None  # declared in the one registry
         raise RuntimeError("boom")
-    assert gla_naive.naive_recurrent_gla is before
+    assert gla_naive.naive_recurrent_gla is before and compat.patched(gla_naive, "naive_recurrent_gla") is None
 
 
 TINY = {"delta_net": {"num_heads": 2}, "gated_deltanet": {"num_heads": 2, "head_dim": 16},

@@ -105,3 +105,22 @@ def test_finetune_trains_only_gates_on_mixed_rows():
              log=lambda s: None)
     assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if n in frozen)
     assert any(not torch.equal(p, before[n]) for n, p in gate_parameters(model))
+
+
+def test_finetune_command_with_a_mix(tmp_path):
+    from click.testing import CliRunner
+
+    from mc_retrofit.cli import main
+
+    tiny_model("mamba2", vocab_size=256, chunk_size=16).save_pretrained(tmp_path / "ckpt")
+    (tmp_path / "train.txt").write_bytes(TEXT)
+    base = ["finetune", str(tmp_path / "ckpt"), "--data", str(tmp_path / "train.txt"), "--seq-len", "256",
+            "--segment-size", "64", "--steps", "2", "--batch", "2", "--warmup", "0", "--eval-every", "0",
+            "--gate-source", "lowrank"]
+    r = CliRunner().invoke(main, [*base, "--out", str(tmp_path / "ft"), "--mix", "text=0.5,passkey=0.5",
+                                  "--mix-rows", "8"])
+    assert r.exit_code == 0, r.output
+    assert "8 rows of 256 tokens" in r.output and mc_retrofit.load(tmp_path / "ft").mc.config.gate_source == "lowrank"
+    for bad, needle in [("text=0.5,bogus=0.5", "unknown mix item"), ("text=0.5,passkey=0.4", "sum to 1")]:
+        r = CliRunner().invoke(main, [*base, "--out", str(tmp_path / "x"), "--mix", bad])
+        assert r.exit_code != 0 and needle in r.output and not (tmp_path / "x").exists()
