@@ -15,7 +15,7 @@ SECTIONS = ("perplexity", "passkey", "multikey", "variable_tracking")
 @click.command(name="eval")
 @click.argument("model")
 @click.option("--recipe", default="default", show_default=True,
-              help="Evaluation suite: a name in recipes/eval (smoke, default, long, sweep) or a .json path.")
+              help="Evaluation suite: a built-in suite (smoke, default, long, sweep, mqar) or a .json path.")
 @click.option("--config", "configs", multiple=True, type=click.Path(),
               help="An mc_config.json (or converted directory) to compare; repeatable.")
 @click.option("--variant", "variant_specs", multiple=True,

@@ -1,6 +1,6 @@
 """Evaluation suites ("recipes"): lengths, depths, samples and MC variants, by name.
 
-A recipe is a JSON file in ``recipes/eval/`` (``smoke``, ``default``, ``long``, ...) or
+A recipe is a JSON file in ``mc_retrofit/eval/suites/`` (``retrofit/eval/suites/``) (``smoke``, ``default``, ``long``, ...) or
 any path. Lengths are token counts or multiples of the model's training context
 written ``"4x"``; so one recipe fits checkpoints trained at different lengths.
 
@@ -21,12 +21,9 @@ from pathlib import Path
 
 from mc_retrofit.errors import MCError
 
-try:  # recipes/eval ships as package data (mc_retrofit.eval_recipes), so wheels have it too
-    from mc_retrofit import eval_recipes as _recipes
-
-    RECIPE_DIR = Path(_recipes.__file__).resolve().parent
-except ImportError:  # a source tree that is not installed
-    RECIPE_DIR = Path(__file__).resolve().parents[2] / "recipes" / "eval"
+# The evaluation suites ship inside the package (package data of mc_retrofit.eval), so an
+# installed wheel has them; recipes/ at the top holds only the training scripts and studies.
+RECIPE_DIR = Path(__file__).resolve().parent / "suites"
 TASKS = ("passkey", "multikey", "variable_tracking", "mqar")
 SECTIONS = ("perplexity",) + TASKS
 TOP_KEYS = {"name", "description", "batch_size", "variants", "seed"} | set(SECTIONS)
@@ -45,7 +42,7 @@ def available() -> list[str]:
 
 
 def load_recipe(name_or_path: str) -> dict:
-    """A recipe by name (``recipes/eval/NAME.json``) or by path, validated."""
+    """A recipe by name (``eval/suites/NAME.json``) or by path, validated."""
     p = Path(name_or_path)
     if not (p.suffix == ".json" and p.is_file()):
         p = RECIPE_DIR / f"{name_or_path}.json"

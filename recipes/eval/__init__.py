@@ -1,1 +1,0 @@
-"""Evaluation recipes (JSON), shipped as package data: `mc-retrofit eval --recipe NAME`."""
