@@ -107,4 +107,27 @@ def summarise(records: list[dict], variants: list[str]) -> dict:
                 "end": [min(L, (b + 1) * bucket) for b in range(nb)],
                 "bits_per_token": [s / c / LN2 if c else None for s, c in zip(sums, counts)],
             }
+    _paired_deltas(records, variants, by_length)
     return {"by_length": by_length, "by_position": by_position}
+
+
+def _paired_deltas(records: list[dict], variants: list[str], by_length: dict) -> None:
+    """``delta_ci95`` for every non-base variant and length: a paired bootstrap interval of the
+    mean per-window bits/token change vs the base, over the same windows (same starts)."""
+    from .stats import paired_bootstrap
+
+    def per_window(v, L):
+        return {r["start"]: r["nll_sum"] / r["count"] / LN2 for r in records
+                if r["kind"] == "perplexity" and r["variant"] == v and r["length"] == L}
+
+    if "base" not in variants:
+        return
+    for v in variants:
+        if v == "base":
+            continue
+        for L in by_length.get(v, {}):
+            a, b = per_window("base", int(L)), per_window(v, int(L))
+            shared = sorted(set(a) & set(b))
+            if len(shared) > 1:
+                ci = paired_bootstrap([a[s] for s in shared], [b[s] for s in shared], seed=int(L))
+                by_length[v][L]["delta_ci95"] = [ci.low, ci.high]

@@ -64,7 +64,8 @@ def markdown(results: dict) -> str:
     if "perplexity" in results:
         rows = results["perplexity"]["by_length"]
         lengths = sorted({int(L) for v in rows.values() for L in v})
-        out += ["## Bits per token by context length (lower is better; change vs base)", "",
+        out += ["## Bits per token by context length (lower is better; change vs base [95% paired bootstrap "
+                "interval over the same windows])", "",
                 "| variant | " + " | ".join(_len_label(L, ctx) for L in lengths) + " |",
                 "|---|" + "---:|" * len(lengths)]
         base = rows.get("base", {})
@@ -77,7 +78,9 @@ def markdown(results: dict) -> str:
                     continue
                 cell = f"{r['bits_per_token']:.4f}"
                 if n != "base" and str(L) in base:
-                    cell += f" ({r['bits_per_token'] - base[str(L)]['bits_per_token']:+.4f})"
+                    cell += f" ({r['bits_per_token'] - base[str(L)]['bits_per_token']:+.4f}"
+                    ci = r.get("delta_ci95")  # paired bootstrap over the same windows
+                    cell += f" [{ci[0]:+.4f}, {ci[1]:+.4f}])" if ci else ")"
                 cells.append(cell)
             out.append(f"| {n} | " + " | ".join(cells) + " |")
         out.append("")
@@ -90,14 +93,17 @@ def markdown(results: dict) -> str:
         rows = results[task]["by_length"]
         lengths = sorted({int(L) for v in rows.values() for L in v})
         n_samples = next(iter(next(iter(rows.values())).values()))["samples"] if rows else 0
-        out += [f"## {TASK_TITLES[task]}: exact-match accuracy (answer bits/token), {n_samples} samples per length", "",
+        out += [f"## {TASK_TITLES[task]}: exact-match accuracy [95% Wilson interval] (answer bits/token), "
+                f"{n_samples} samples per length", "",
                 "| variant | " + " | ".join(_len_label(L, ctx) for L in lengths) + " |",
                 "|---|" + "---:|" * len(lengths)]
         for n in names:
             cells = []
             for L in lengths:
                 r = rows.get(n, {}).get(str(L))
-                cells.append("" if r is None else f"{r['accuracy']:.2f} ({r['answer_bits_per_token']:.2f})")
+                ci = None if r is None else r.get("ci95")
+                cells.append("" if r is None else f"{r['accuracy']:.2f}" + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "")
+                             + f" ({r['answer_bits_per_token']:.2f})")
             out.append(f"| {n} | " + " | ".join(cells) + " |")
         out.append("")
     return "\n".join(out)

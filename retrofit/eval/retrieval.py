@@ -20,6 +20,7 @@ from mc_retrofit import tasks
 from mc_retrofit.errors import MCError
 
 from .forward import answer_scores
+from .stats import wilson
 from .text import Codec
 
 LN2 = math.log(2.0)
@@ -165,8 +166,11 @@ def summarise(records: list[dict], task: str, variants: list[str]) -> dict:
         rows = [r for r in records if r["kind"] == task and r["variant"] == v]
         for L in sorted({r["length"] for r in rows}):
             rs = [r for r in rows if r["length"] == L]
+            hits = sum(r["correct"] for r in rs)
+            ci = wilson(hits, len(rs))
             by_length.setdefault(v, {})[str(L)] = {
-                "accuracy": sum(r["correct"] for r in rs) / len(rs),
+                "accuracy": hits / len(rs),
+                "ci95": [ci.low, ci.high],  # Wilson score interval over the samples
                 "answer_bits_per_token": sum(r["answer_nll"] for r in rs) / sum(r["answer_tokens"] for r in rs) / LN2,
                 "samples": len(rs),
                 "mean_tokens": sum(r["tokens"] for r in rs) / len(rs),

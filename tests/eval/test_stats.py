@@ -65,3 +65,24 @@ def test_paired_bootstrap_needs_pairs():
     with pytest.raises(ValueError):
         paired_bootstrap([1.0], [1.0, 2.0])
     assert paired_bootstrap([1.0, 2.0], [1.0, 2.0], seed=0) == paired_bootstrap([1.0, 2.0], [1.0, 2.0], seed=0)
+
+
+def test_eval_summaries_carry_the_intervals():
+    from mc_retrofit.eval import perplexity, retrieval
+
+    recs = [{"kind": "passkey", "variant": v, "length": 512, "depth": 0.5, "sample": i, "tokens": 512,
+             "correct": int(i < k), "answer_nll": 1.0, "answer_tokens": 5} for v, k in (("base", 3), ("mc", 9))
+            for i in range(10)]
+    s = retrieval.summarise(recs, "passkey", ["base", "mc"])["by_length"]
+    assert s["mc"]["512"]["ci95"] == pytest.approx([wilson(9, 10).low, wilson(9, 10).high])
+    rng = random.Random(0)
+    win = []
+    for start in range(0, 4000, 100):
+        nll = rng.uniform(1.0, 3.0)
+        for v, shift in (("base", 0.0), ("mc", 0.05)):  # MC costs exactly 0.05 nats/token on every window
+            win.append({"kind": "perplexity", "variant": v, "length": 256, "start": start, "nll_sum": (nll + shift) * 256,
+                        "count": 256, "bucket": 256, "bucket_nll": [(nll + shift) * 256], "bucket_count": [256]})
+    p = perplexity.summarise(win, ["base", "mc"])["by_length"]
+    lo, hi = p["mc"]["256"]["delta_ci95"]
+    assert lo == pytest.approx(0.05 / math.log(2)) and hi == pytest.approx(0.05 / math.log(2))  # paired: no spread
+    assert "delta_ci95" not in p["base"]["256"]
