@@ -156,6 +156,26 @@ def test_the_lock_file_lies_inside_the_window():
     assert compat.outside_window(versions) == []
 
 
+def test_every_declared_range_starts_at_the_locked_version():
+    """No dependency range admits a version older than the oldest CI runs (the lock file)."""
+    from packaging.requirements import Requirement
+    from packaging.version import Version
+
+    text = (ROOT / "pyproject.toml").read_text()
+    block = re.search(r"^dependencies = \[(.*?)^\]", text, re.S | re.M).group(1)
+    test = re.search(r"^test = \[(.*?)\]", text, re.M).group(1)
+    pins = dict(line.split("==") for line in (ROOT / ".ci" / "lock.txt").read_text().splitlines()
+                if "==" in line and not line.startswith("#"))
+    pins["torch"] = "2.13.0"  # installed first, from the CPU wheel
+    block = "\n".join(line for line in block.splitlines() if not line.strip().startswith("#"))
+    for item in re.findall(r'"([^"]+)"', block) + re.findall(r'"([^"]+)"', test):
+        req = Requirement(item)
+        locked = Version(pins[req.name])
+        assert locked in req.specifier, item
+        lows = [Version(s.version) for s in req.specifier if s.operator == ">="]
+        assert lows and all(low.release == locked.release[:len(low.release)] for low in lows), (item, locked)
+
+
 def test_registered_patches_uninstall_exactly():
     if not HAS_FLA:
         pytest.skip("flash-linear-attention is not installed")
