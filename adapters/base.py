@@ -82,9 +82,14 @@ class Adapter:
         name = compat.argument_name(type(mixer).forward, self.mixer_cache_names, f"{type(mixer).__name__}.forward")
         return functools.partial(_cache_keyword, name)
 
+    # Where the family's core ops are module globals, and op name -> wrapper factory (a
+    # ``passthrough``-decorated function): what Memory Caching wraps.
+    op_module: str = ""
+    op_wrappers: dict = {}
+
     def op_patches(self) -> list:
         """The family's module-level ops Memory Caching wraps (:func:`op_patch` each)."""
-        raise NotImplementedError
+        return [op_patch(self.op_module, name, make, self.family) for name, make in self.op_wrappers.items()]
 
     def support_patches(self) -> list:
         """Foreign symbols the family needs replaced to run at all here, converted or not

@@ -138,7 +138,10 @@ def calibrate(base, text_windows: torch.Tensor, retrieval: tuple[torch.Tensor, t
             row = score(cfg)
             if better(row, best):
                 best_cfg, best = cfg, row
-    layers = [g.layer_idx for g in _gates(_with(base, best_cfg))]
+    from .model import gate_modules
+
+    # the gates' own layer indices (a hybrid's mixers are numbered by the adapter, not the config)
+    layers = [g.layer_idx for g in gate_modules(_with(base, best_cfg)).values()]
     weights = {i: best_cfg.cache_weight for i in layers}
     for i in layers:
         for w in (0.0, best_cfg.cache_weight / 2):
@@ -151,12 +154,6 @@ def calibrate(base, text_windows: torch.Tensor, retrieval: tuple[torch.Tensor, t
         weights = {i: 0.0 for i in layers}
         return Calibration(best_cfg, weights, base_bits, base_bits, base_acc, base_acc, table)
     return Calibration(best_cfg, weights, base_bits, best["bits"], base_acc, best["accuracy"], table)
-
-
-def _gates(model):
-    from .model import gate_modules
-
-    return list(gate_modules(model).values())
 
 
 def _describe(row: dict) -> str:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from mc_retrofit.adapters.base import Adapter, StateInfo, op_patch, passthrough
+from mc_retrofit.adapters.base import Adapter, StateInfo, passthrough
 from mc_retrofit.segments import LinearRecurrence, Stepped, run_segments
 
 MODULE = "transformers.models.mamba.modeling_mamba"
@@ -103,6 +103,8 @@ class MambaAdapter(Adapter):
     writes_cache_in_place = True  # conv_states/ssm_states updated in place
     supports_padding = True
     description = "query C_t; key summary mean B_t; read h_i C_t before the D skip and silu(z)"
+    op_module = MODULE
+    op_wrappers = {"mamba_selective_scan": _selective_scan, "mamba_selective_state_update": _state_update}
 
     def model_class(self):
         from transformers import MambaForCausalLM
@@ -114,10 +116,6 @@ class MambaAdapter(Adapter):
 
     def gate_dims(self, mixer, config):
         return 1, mixer.ssm_state_size
-
-    def op_patches(self):
-        return [op_patch(MODULE, "mamba_selective_scan", _selective_scan, self.family),
-                op_patch(MODULE, "mamba_selective_state_update", _state_update, self.family)]
 
     def state_info(self, config):
         return StateInfo(

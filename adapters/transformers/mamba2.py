@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from mc_retrofit.adapters.base import Adapter, StateInfo, expand_heads, op_patch, passthrough
+from mc_retrofit.adapters.base import Adapter, StateInfo, expand_heads, passthrough
 from mc_retrofit.kernels.capture import linear_boundary_states
 from mc_retrofit.segments import LinearRecurrence, Stepped, run_segments
 
@@ -97,6 +97,8 @@ class Mamba2Adapter(Adapter):
     model_types = ("mamba2",)
     supports_padding = True
     description = "query C_t; key summary mean B_t; read S_i C_t before the D skip and gated norm"
+    op_module = MODULE
+    op_wrappers = {"mamba2_chunk_scan": _chunk_scan, "mamba2_selective_state_update": _state_update}
 
     def model_class(self):
         from transformers import Mamba2ForCausalLM
@@ -108,10 +110,6 @@ class Mamba2Adapter(Adapter):
 
     def gate_dims(self, mixer, config):
         return mixer.num_heads, mixer.ssm_state_size
-
-    def op_patches(self):
-        return [op_patch(MODULE, "mamba2_chunk_scan", _chunk_scan, self.family),
-                op_patch(MODULE, "mamba2_selective_state_update", _state_update, self.family)]
 
     def state_info(self, config):
         return StateInfo(

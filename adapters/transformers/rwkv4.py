@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from mc_retrofit.adapters.base import Adapter, StateInfo, op_patch, passthrough
+from mc_retrofit.adapters.base import Adapter, StateInfo, passthrough
 from mc_retrofit.core import gate_weights
 from mc_retrofit.segments import Recurrence, run_segments
 
@@ -112,6 +112,8 @@ class Rwkv4Adapter(Adapter):
     model_types = ("rwkv",)
     writes_cache_in_place = True  # its state list is updated in place
     description = "gate input k_t; key summary mean k_t; merge cached (num, den) at a common exponent"
+    op_module = MODULE
+    op_wrappers = {"rwkv_linear_attention": _linear_attention}
 
     def model_class(self):
         from transformers import RwkvForCausalLM
@@ -130,9 +132,6 @@ class Rwkv4Adapter(Adapter):
     def cache_reader(self, mixer):
         return _state_holder
 
-
-    def op_patches(self):
-        return [op_patch(MODULE, "rwkv_linear_attention", _linear_attention, self.family)]
 
     def state_info(self, config):
         c = config.attention_hidden_size or config.hidden_size

@@ -20,13 +20,6 @@ from .. import compat
 from ..adapters import adapter_for
 from .data import inputs_and_targets
 
-def forward_with_cache(model, ids: torch.Tensor, cache, name: str):
-    """(logits, cache after ``ids``) continuing from ``cache`` (None: a fresh start);
-    ``name``: the model's cache keyword (:func:`mc_retrofit.compat.cache_argument`)."""
-    out = model(ids, **{name: cache}, use_cache=True)
-    return out.logits, compat.returned_cache(out)
-
-
 def detach_state(obj, _seen: set | None = None):
     """Detach, in place, every tensor a cache object holds (its attributes, lists, dicts,
     the MC memory's ``LayerMemory`` objects). Returns the object; a bare tensor comes back
@@ -79,7 +72,7 @@ def _anchor(params) -> torch.Tensor:
 
 
 def window_loss_and_backward(model, windows: torch.Tensor, params, *, tbptt: int | None = None, cache=None,
-                             keep_cache: bool = False, names: str | None = None, no_sync=None):
+                             keep_cache: bool = False, no_sync=None):
     """Forward and backward of one batch of windows ``[B, L+1]`` (next-token targets), or of
     labelled sequences ``[B, 2, L+1]`` (inputs, then the label of each position, -100 =
     not scored; the last column unused) (gradients accumulate into ``.grad``). Returns (mean next-byte loss as a detached tensor, the final cache or None).
@@ -94,8 +87,8 @@ def window_loss_and_backward(model, windows: torch.Tensor, params, *, tbptt: int
     T = inputs.shape[1]
     chunk = T if tbptt is None else min(int(tbptt), T)
     use_cache = cache is not None or keep_cache or chunk < T
-    if use_cache and names is None:
-        names = compat.cache_argument(_unwrap(model))
+    # the family's forward writes its cache in place: save copies for the backward (see Adapter)
+    clone_saved = use_cache and adapter_for(_unwrap(model).config).writes_cache_in_place
     total = torch.zeros((), device=windows.device)
     bounds = chunk_bounds(T, chunk)
     for i, (a, b) in enumerate(bounds):
@@ -104,9 +97,10 @@ def window_loss_and_backward(model, windows: torch.Tensor, params, *, tbptt: int
             if no_sync is not None and not last:
                 stack.enter_context(no_sync())
             if use_cache:
-                if adapter_for(_unwrap(model).config).writes_cache_in_place:
+                if clone_saved:
                     stack.enter_context(torch.autograd.graph.saved_tensors_hooks(_clone, _same))
-                logits, cache = forward_with_cache(model, inputs[:, a:b], cache, names)
+                out, cache = compat.forward_with_cache(model, inputs[:, a:b], cache)
+                logits = out.logits
             else:
                 logits = model(inputs[:, a:b], use_cache=False).logits
             # mean over the chunk, weighted by its share of the window: the chunks sum to the
