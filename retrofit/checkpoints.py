@@ -66,12 +66,16 @@ class Checkpoint:
         return [self.path] if self.exported else weight_files(self.path)
 
 
-def open_checkpoint(path) -> Checkpoint:
+def open_checkpoint(path, *, revision: str | None = None, cache_dir: str | None = None,
+                    config_only: bool = False) -> Checkpoint:
     """The :class:`Checkpoint` at ``path`` (a path, ``builtin:NAME``, a Hub id, or a
-    Checkpoint, returned as it is), or one line saying why it is none."""
+    Checkpoint, returned as it is), or one line saying why it is none.
+
+    ``revision`` / ``cache_dir``: for a Hub id (``org/name@rev`` in the id wins over
+    ``revision``); ``config_only``: fetch only the configs of a Hub id (``inspect``)."""
     if isinstance(path, Checkpoint):
         return path
-    p, origin = locate(path)
+    p, origin = locate(path, revision=revision, cache_dir=cache_dir, config_only=config_only)
     if p.is_file():
         if not exports_to_file(p):  # the suffix in any case, as export writes it
             raise MCError(f"{p} is not a .safetensors file exported by mc-retrofit")
@@ -88,7 +92,8 @@ def open_checkpoint(path) -> Checkpoint:
                       MCConfig.load(p) if converted else None, origin)
 
 
-def locate(path) -> tuple[Path, str]:
+def locate(path, *, revision: str | None = None, cache_dir: str | None = None,
+           config_only: bool = False) -> tuple[Path, str]:
     """``(path on disk, origin)`` of a path, ``builtin:NAME`` or Hub id; nothing is read."""
     if not isinstance(path, (str, os.PathLike)):  # str() of a model object is a 1 KB "file name"
         raise MCError(f"expected a path (a directory, a .safetensors file or builtin:NAME), not {type(path).__name__}")
@@ -102,11 +107,13 @@ def locate(path) -> tuple[Path, str]:
         return p, "local"
     hub = HUB_ID.fullmatch(text)
     if hub is not None:
-        return resolve_hub(hub["repo"], hub["revision"]), "hub"
+        return resolve_hub(hub["repo"], hub["revision"] or revision, cache_dir=cache_dir,
+                           config_only=config_only), "hub"
     raise MCError(f"{p} does not exist")
 
 
-def resolve_hub(repo: str, revision: str | None = None) -> Path:
+def resolve_hub(repo: str, revision: str | None = None, *, cache_dir: str | None = None,
+                config_only: bool = False) -> Path:
     """The local directory of Hub repository ``repo`` at ``revision``.
 
     The one place Hub ids resolve: the Hub issue downloads here (e.g.
@@ -118,9 +125,9 @@ def resolve_hub(repo: str, revision: str | None = None) -> Path:
                   f"({fetch} --local-dir DIR) and give DIR")
 
 
-def resolve_path(path) -> Path:
+def resolve_path(path, **hub) -> Path:
     """The path on disk of a path, ``builtin:NAME`` or Hub id (see :func:`locate`)."""
-    return locate(path)[0]
+    return locate(path, **hub)[0]
 
 
 def exports_to_file(out) -> bool:

@@ -363,11 +363,17 @@ def _check_against_config(config, adapter, shapes: dict, where: str, exact_names
                           "the config does not belong to these weights")
 
 
-def load_base(path: str | Path | Checkpoint, dtype: torch.dtype | None = None):
+def load_base(path: str | Path | Checkpoint, dtype: torch.dtype | None = None, *, device=None,
+              device_map=None, revision: str | None = None, cache_dir: str | None = None):
     """Load an original (unconverted) Hugging Face-format checkpoint of a supported family
-    (of a converted directory: its base model, without the MC gates)."""
+    (of a converted directory: its base model, without the MC gates).
+
+    ``path``: a directory, ``builtin:NAME`` or a Hub id ``org/name[@revision]`` (``revision``,
+    ``cache_dir``: where a Hub id resolves). ``dtype``: the weights' dtype (MC state and gate
+    math stay fp32 whatever it is); ``device``: where the model goes; ``device_map``: a
+    big-model placement (``"auto"``) through accelerate, instead of ``device``."""
     _not_a_model(path, "load_base")
-    ckpt = open_checkpoint(path)
+    ckpt = open_checkpoint(path, revision=revision, cache_dir=cache_dir)
     if ckpt.exported:
         raise MCError(f"{ckpt.path} is an exported mc-retrofit file, not a Hugging Face-format model directory; "
                       "load it with mc_retrofit.load(path)")
@@ -417,11 +423,12 @@ def _not_a_model(path, fn: str) -> None:
                       "in memory, call mc_retrofit.convert(model, config)")
 
 
-def load(path: str | Path | Checkpoint, dtype: torch.dtype | None = None):
+def load(path: str | Path | Checkpoint, dtype: torch.dtype | None = None, *, device=None, device_map=None,
+         revision: str | None = None, cache_dir: str | None = None):
     """Load a converted directory or an exported ``.safetensors`` file: a ready
-    transformers model with Memory Caching applied."""
+    transformers model with Memory Caching applied (arguments as :func:`load_base`)."""
     _not_a_model(path, "load")
-    ckpt = open_checkpoint(path)
+    ckpt = open_checkpoint(path, revision=revision, cache_dir=cache_dir)
     p = ckpt.path
     if ckpt.exported:
         return _load_exported(ckpt, dtype=dtype)

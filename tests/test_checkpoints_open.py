@@ -143,7 +143,7 @@ def test_every_command_resolves_a_hub_id_in_one_place(paths, tmp_path, monkeypat
     """Point the one Hub hook at local folders: load, load_base, describe and every command
     then take a Hub id, so none of them decides what a path is on its own."""
     where = {"org/orig": paths["orig"], "org/conv": paths["conv"]}
-    monkeypatch.setattr(checkpoints, "resolve_hub", lambda repo, revision=None: where[repo])
+    monkeypatch.setattr(checkpoints, "resolve_hub", lambda repo, revision=None, **hub: where[repo])
     monkeypatch.chdir(tmp_path)
     assert open_checkpoint("org/conv@main").origin == "hub"
     assert mr.load_base("org/orig").config.model_type == "mamba2"

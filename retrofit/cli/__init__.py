@@ -15,9 +15,9 @@ import sys
 import click
 from pathlib import Path
 
-from ..checkpoints import open_checkpoint
 from ..config import MCConfig
 from ..errors import MCError
+from .options import load_options
 
 
 def _human(n: float) -> str:
@@ -164,21 +164,22 @@ def main():
 @click.option("--out", required=True, type=click.Path(), help="Directory to write the converted model to.")
 @click.option("--force", is_flag=True, help="Replace --out if it is an earlier mc-retrofit output of the same kind.")
 @mc_options
+@load_options(runs_model=False)
 @friendly
-def convert(src, out, force, **mc):
+def convert(src, out, force, load, **mc):
     """Wrap the checkpoint SRC (a Hugging Face-format directory or builtin:NAME) with Memory Caching."""
     from .. import model as m
     from ..files import check_target
 
     config = build_config(**mc)
-    source = open_checkpoint(src)  # configs only
+    source = load.open(src)  # configs only
     # Before any weight loads: --force replaces only an earlier converted model, never SRC or the cwd.
     check_target(out, force, kind="converted", sources=[source.path])
     hf = source.hf_config
     bad = [i for i in (config.layers or []) if i >= hf.num_hidden_layers]
     if bad:  # checked before loading any weight
         raise MCError(f"layers {bad} do not exist: the model has {hf.num_hidden_layers} recurrent layers")
-    base = m.load_base(source)
+    base = m.load_base(source, **load.placement)
     model = m.convert(base, config)
     m.save_converted(model, out, force=force)
     n = sum(p.numel() for p in m.gate_state_dict(model).values())
@@ -194,8 +195,9 @@ def convert(src, out, force, **mc):
 @click.argument("path")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @mc_options
+@load_options(runs_model=False)
 @friendly
-def inspect(path, as_json, **mc):
+def inspect(path, as_json, load, **mc):
     """Family, layers, state shape and bytes, and cache bytes per 1K tokens of PATH."""
     from rich.console import Console
     from rich.table import Table
@@ -204,7 +206,7 @@ def inspect(path, as_json, **mc):
 
     # No MC options: None, so describe can tell "nothing given" from "the defaults given"
     # (and refuse options for a converted model, whose own mc_config.json rules).
-    ckpt = open_checkpoint(path)
+    ckpt = load.open(path, config_only=True)  # a Hub id: its configs only, no weights
     if mc_given(mc) and ckpt.converted:
         flags = ", ".join("--config" if k == "config_file" else f"--{k.replace('_', '-')}"
                           for k, v in mc.items() if v is not None)
@@ -241,17 +243,18 @@ def inspect(path, as_json, **mc):
 @click.argument("src")
 @click.option("--out", required=True, type=click.Path(), help="OUT.safetensors (one file) or a directory.")
 @click.option("--force", is_flag=True, help="Replace --out if it is an earlier mc-retrofit output of the same kind.")
+@load_options(runs_model=False)
 @friendly
-def export(src, out, force):
+def export(src, out, force, load):
     """Write the converted model SRC as one .safetensors file (or a directory)."""
     from .. import model as m
     from ..files import check_target
 
     to_file = m.exports_to_file(out)
-    source = open_checkpoint(src)  # configs only
+    source = load.open(src)  # configs only
     check_target(out, force, kind="exported" if to_file else "converted", sources=[source.path],
                  want_dir=not to_file)  # before loading: what --force may replace, and that --out is writable
-    model = m.load(source)
+    model = m.load(source, **load.placement)
     m.export(model, out, force=force)
     click.echo(f"exported {src} -> {out}")
 

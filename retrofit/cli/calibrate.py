@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from . import FiniteFloat, friendly
+from .options import load_options
 from ..errors import MCError
 
 
@@ -23,8 +24,9 @@ from ..errors import MCError
               help="Allowed rise of bits per token over the base model on the calibration text.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--force", is_flag=True, help="Replace an earlier mc-retrofit output at --out.")
+@load_options()
 @friendly
-def command(model_path, data, out, seq_len, windows, rows, segment_sizes, margin, seed, force):
+def command(model_path, data, out, seq_len, windows, rows, segment_sizes, margin, seed, force, load):
     """Pick segment size, aggregation, cache weights (per layer), online bias and temperature
     by forward passes only, keeping bits per token within --margin of the base; writes a
     converted directory (the base itself when nothing helps) and calibration.json."""
@@ -36,9 +38,8 @@ def command(model_path, data, out, seq_len, windows, rows, segment_sizes, margin
     from ..finetune.data import read_texts
     from ..finetune.mix import MixBuilder
 
-    from ..checkpoints import open_checkpoint
-
-    source = open_checkpoint(model_path)  # configs only: bad paths fail before any work
+    load.check()
+    source = load.open(model_path)  # configs only: bad paths fail before any work
     if source.converted:
         raise MCError(f"{model_path} is already converted; calibrate an original checkpoint")
     check_target(Path(out).absolute(), force, kind="converted", sources=(source.path, data))
@@ -51,7 +52,7 @@ def command(model_path, data, out, seq_len, windows, rows, segment_sizes, margin
     text = read_texts(data)
     if not text:
         raise MCError("the calibration data is empty")
-    base = m.load_base(source)
+    base = m.load_base(source, **load.placement)
     if base.config.vocab_size < 256 or _has_tokenizer(source.path):
         raise MCError("calibrate reads text as bytes: it supports byte-level models (vocabulary 256, no tokenizer) "
                       "for now")

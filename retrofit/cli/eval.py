@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from . import friendly
+from .options import load_options
 
 SECTIONS = ("perplexity", "passkey", "multikey", "variable_tracking")
 
@@ -32,14 +33,13 @@ SECTIONS = ("perplexity", "passkey", "multikey", "variable_tracking")
 @click.option("--tokenizer", help="'bytes', or a tokenizer path (default: the checkpoint's own, else bytes for vocab 256).")
 @click.option("--train-context", type=click.IntRange(min=1), help="Training context in tokens, for lengths written as '4x' (default: from training.json or the config).")
 @click.option("--batch-size", type=click.IntRange(min=1), help="Windows/samples per forward (default: the recipe's).")
-@click.option("--device", help="cpu, cuda, cuda:1 ... (default: the local GPU, else cpu).")
-@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), help="Load the model in this dtype.")
 @click.option("--plots/--no-plots", default=True, show_default=True, help="Write PNG plots.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @click.option("--force", is_flag=True, help="Replace the results of an earlier eval run in --out (no other folder).")
+@load_options(device_map=True)
 @friendly
 def command(model, recipe, configs, variant_specs, recipe_variants, only, out, seed, data, text_field, split,
-            tokenizer, train_context, batch_size, device, dtype, plots, quiet, force):
+            tokenizer, train_context, batch_size, plots, quiet, force, load):
     """Evaluate MODEL (checkpoint dir, builtin:NAME, converted dir or exported file): the base
     model and MC variants on the same long documents and recall prompts."""
     from mc_retrofit.errors import MCError
@@ -56,12 +56,13 @@ def command(model, recipe, configs, variant_specs, recipe_variants, only, out, s
         if bad:
             raise MCError(f"--only takes {', '.join(SECTIONS)}; not {', '.join(bad)}")
     # Every option that can be checked without the model is checked here, before it loads.
-    _check_device(device)
+    load.check()
     _check_tokenizer(tokenizer)
     rec = load_recipe(recipe)
     extra = [variant_from_file(c) for c in configs] + [parse_variant(s) for s in variant_specs]
     opts = EvalOptions(model=model, recipe=rec, variants=extra, use_recipe_variants=recipe_variants, seed=seed,
-                       data=data, text_field=text_field, split=split, tokenizer=tokenizer, device=device, dtype=dtype,
+                       data=data, text_field=text_field, split=split, tokenizer=tokenizer, device=load.device, dtype=load.dtype,
+                       device_map=load.device_map, revision=load.revision, cache_dir=load.cache_dir,
                        batch_size=batch_size, train_context=train_context, sections=sections, progress=not quiet)
     # The recipe's name is slugged like the model's: a name like "../../x" must not pick a
     # folder outside eval-results/.
@@ -93,32 +94,6 @@ def _slug(text: str) -> str:
 def _name_slug(name: str) -> str:
     """A recipe name as one harmless path component (no separators, no leading dots)."""
     return re.sub(r"[^A-Za-z0-9._-]+", "-", str(name)).strip("-.") or "recipe"
-
-
-def _check_device(device: str | None) -> None:
-    """A device torch knows and this machine has, before anything loads."""
-    if device is None:
-        return
-    import torch
-
-    from mc_retrofit.errors import MCError
-
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, ValueError):
-        raise MCError(f"--device takes cpu, cuda, cuda:N or mps, not {device!r}") from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise MCError(f"--device {device}: CUDA is not available on this machine (no GPU, or a CPU-only "
-                          "torch); use --device cpu")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise MCError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s) "
-                          f"(cuda:0 to cuda:{torch.cuda.device_count() - 1})")
-    elif dev.type == "mps":
-        if not torch.backends.mps.is_available():
-            raise MCError(f"--device {device}: MPS is not available on this machine; use --device cpu")
-    elif dev.type != "cpu":
-        raise MCError(f"--device takes cpu, cuda, cuda:N or mps, not {device!r}")
 
 
 def _check_tokenizer(tokenizer: str | None) -> None:

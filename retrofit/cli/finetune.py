@@ -6,6 +6,7 @@ from pathlib import Path
 import click
 
 from . import FiniteFloat, build_config, friendly, mc_options
+from .options import load_options
 from ..errors import MCError
 
 # Fine-tuning starts from exactly the base model (cache_weight 0) with a learned connector.
@@ -43,9 +44,10 @@ FINETUNE_DEFAULTS = {"cache_weight": 0.0, "gate_source": "learned"}
 @click.option("--resume", is_flag=True, help="Continue from <out>.checkpoint.")
 @click.option("--force", is_flag=True, help="Overwrite --out if it exists.")
 @mc_options
+@load_options()
 @friendly
 def command(model_path, data, out, steps, seq_len, lr, batch, warmup, seed, eval_every, tbptt, state_passing,
-            grad_checkpointing, mix, mix_rows, resume, force, **mc):
+            grad_checkpointing, mix, mix_rows, resume, force, load, **mc):
     """Train only the Memory Caching gates of MODEL (original checkpoint or converted dir) on --data.
 
     \b
@@ -55,12 +57,12 @@ def command(model_path, data, out, steps, seq_len, lr, batch, warmup, seed, eval
     import torch
 
     from .. import model as m
-    from ..checkpoints import open_checkpoint
     from ..distributed import is_main_process
     from ..files import check_target
     from ..finetune.loop import _check_args, check_reads_cache, finetune, read_texts
 
     _check_args(steps, seq_len, batch, warmup, lr, tbptt, state_passing, grad_checkpointing)  # before any loading
+    load.check()
     if not Path(data).exists():
         raise MCError(f"data path {data} does not exist")
     if not force:
@@ -76,18 +78,18 @@ def command(model_path, data, out, steps, seq_len, lr, batch, warmup, seed, eval
             raise MCError("--mix builds independent rows; it cannot be combined with --state-passing")
     elif mix_rows is not None:
         raise MCError("--mix-rows has no effect without --mix; drop it")
-    ckpt = open_checkpoint(model_path)  # configs only
+    ckpt = load.open(model_path)  # configs only
     if ckpt.converted:
         if any(v is not None for v in mc.values()):
             raise MCError(f"{model_path} is already converted; MC options apply only to an original checkpoint")
         check_reads_cache(ckpt.mc_config, seq_len, tbptt, state_passing)  # before any weight loads
-        model = m.load(ckpt)
+        model = m.load(ckpt, **load.placement)
     else:
         # the command's own defaults are not flags the user gave (never refused as ignored);
         # a --config file's values replace them
         config = build_config(defaults=FINETUNE_DEFAULTS, **mc)
         check_reads_cache(config, seq_len, tbptt, state_passing)  # before any weight loads
-        model = m.convert(m.load_base(ckpt), config)
+        model = m.convert(m.load_base(ckpt, **load.placement), config)
     if mix is not None:
         from ..finetune.mix import MixBuilder
 

@@ -6,6 +6,7 @@ from pathlib import Path
 import click
 
 from . import FiniteFloat, friendly
+from .options import load_options
 from ..errors import MCError
 
 
@@ -19,13 +20,13 @@ from ..errors import MCError
               help="0 = greedy decoding.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--stats", is_flag=True, help="Print the MC cache's segments and bytes at the end.")
+@load_options(device_map=True)
 @friendly
-def command(model_path, prompt_file, prompt, max_new_tokens, temperature, seed, stats):
+def command(model_path, prompt_file, prompt, max_new_tokens, temperature, seed, stats, load):
     """Stream a continuation of a prompt from MODEL (converted dir, exported file, or original checkpoint)."""
     import torch
 
     from .. import model as m
-    from ..checkpoints import open_checkpoint
     from ..generation import ByteStreamer, cache_stats
 
     if (prompt_file is None) == (prompt is None):
@@ -38,8 +39,9 @@ def command(model_path, prompt_file, prompt, max_new_tokens, temperature, seed, 
         raw = prompt.encode("utf-8", "surrogateescape")  # the argument's bytes, as the shell passed them
     if not raw:
         raise MCError("the prompt is empty")
-    ckpt = open_checkpoint(model_path)
-    model = m.load(ckpt) if ckpt.converted else m.load_base(ckpt)
+    load.check()
+    ckpt = load.open(model_path)
+    model = (m.load if ckpt.converted else m.load_base)(ckpt, **load.placement)
     tokenizer = _tokenizer(ckpt.source_dir)
     if tokenizer is not None:
         from transformers import TextStreamer

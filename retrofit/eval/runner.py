@@ -35,6 +35,9 @@ class EvalOptions:
     tokenizer: str | None = None
     device: str | None = None
     dtype: str | None = None
+    device_map: str | None = None  # "auto": accelerate places the model (excludes device)
+    revision: str | None = None  # of a Hub id
+    cache_dir: str | None = None  # Hugging Face cache for a Hub id
     batch_size: int | None = None
     train_context: int | None = None
     sections: list[str] | None = None  # None: every section the recipe has
@@ -42,13 +45,9 @@ class EvalOptions:
 
 
 def _dtype(name: str | None):
-    if name is None:
-        return None
-    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-             "float16": torch.float16, "fp16": torch.float16}
-    if name not in table:
-        raise MCError(f"dtype must be one of {', '.join(table)}, not {name!r}")
-    return table[name]
+    from ..devices import torch_dtype
+
+    return torch_dtype(name)
 
 
 def environment(device: str, world: distributed.World) -> dict:
@@ -83,7 +82,8 @@ def evaluate(opts: EvalOptions) -> dict:
 
 def _evaluate(opts: EvalOptions, world: distributed.World, device: str, t_start: float) -> dict:
     torch.manual_seed(opts.seed)
-    source = ModelSource(opts.model, device=device, dtype=_dtype(opts.dtype))
+    source = ModelSource(opts.model, device=device, dtype=_dtype(opts.dtype), device_map=opts.device_map,
+                         revision=opts.revision, cache_dir=opts.cache_dir)
     ctx = opts.train_context or source.training_context()
     recipe = resolve(opts.recipe, ctx)
     sections = [s for s in ("perplexity",) + TASKS if s in recipe and (opts.sections is None or s in opts.sections)]

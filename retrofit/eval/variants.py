@@ -67,9 +67,11 @@ class ModelSource:
     """Where the models come from: an original checkpoint, ``builtin:NAME``, a converted
     directory or an exported ``.safetensors`` file."""
 
-    def __init__(self, path: str, device: str = "cpu", dtype: torch.dtype | None = None):
+    def __init__(self, path: str, device: str = "cpu", dtype: torch.dtype | None = None,
+                 device_map: str | None = None, revision: str | None = None, cache_dir: str | None = None):
         self.spec = str(path)
-        self.checkpoint = open_checkpoint(path)  # configs only: no weight is read yet
+        self.checkpoint = open_checkpoint(path, revision=revision, cache_dir=cache_dir)  # configs only
+        self.device_map = device_map
         self.path = self.checkpoint.path
         self.device = device
         self.dtype = dtype
