@@ -163,14 +163,15 @@ def test_every_declared_range_starts_at_the_locked_version():
 
     text = (ROOT / "pyproject.toml").read_text()
     block = re.search(r"^dependencies = \[(.*?)^\]", text, re.S | re.M).group(1)
-    test = re.search(r"^test = \[(.*?)\]", text, re.M).group(1)
+    extras = "".join(re.search(rf"^{name} = \[(.*?)\]", text, re.M).group(1) for name in ("test", "harness"))
     pins = dict(line.split("==") for line in (ROOT / ".ci" / "lock.txt").read_text().splitlines()
                 if "==" in line and not line.startswith("#"))
+    pins = {re.sub(r"[-_.]+", "-", k).lower(): v for k, v in pins.items()}  # lm_eval == lm-eval
     pins["torch"] = "2.13.0"  # installed first, from the CPU wheel
     block = "\n".join(line for line in block.splitlines() if not line.strip().startswith("#"))
-    for item in re.findall(r'"([^"]+)"', block) + re.findall(r'"([^"]+)"', test):
+    for item in re.findall(r'"([^"]+)"', block) + re.findall(r'"([^"]+)"', extras):
         req = Requirement(item)
-        locked = Version(pins[req.name])
+        locked = Version(pins[re.sub(r"[-_.]+", "-", req.name).lower()])
         assert locked in req.specifier, item
         lows = [Version(s.version) for s in req.specifier if s.operator == ">="]
         assert lows and all(low.release == locked.release[:len(low.release)] for low in lows), (item, locked)

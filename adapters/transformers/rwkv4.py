@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch
 
+from mc_retrofit import compat
 from mc_retrofit.adapters.base import Adapter, StateInfo, passthrough
 from mc_retrofit.core import gate_weights
 from mc_retrofit.segments import Recurrence, run_segments
@@ -107,6 +108,54 @@ def _state_holder(args, kwargs):
     return None if state is None else state[2]
 
 
+class _Shifted(torch.nn.Module):
+    """Stands in for a block's ``time_shift`` for one call: returns the previous token's hidden."""
+
+    def __init__(self, previous):
+        super().__init__()
+        self.previous = previous
+
+    def forward(self, hidden):
+        return self.previous
+
+
+def _one_token_shift(slot: int):
+    """transformers' RWKV-4 one-token step takes the previous hidden from the state as
+    ``[B, C]`` and mixes it with the ``[B, 1, C]`` token: ``[B, B, C]``, wrong for any batch
+    above 1 (batch 1 is right by luck). Its multi-token branch is right: with ``state=None``
+    it mixes with ``time_shift(hidden)``. So for one token with a state this runs that branch,
+    with ``time_shift`` answering the state's previous hidden as ``[B, 1, C]``, then writes the
+    state slot as the original does. ``slot``: the state tensor holding this module's previous
+    hidden (1 for attention's ``extract_key_value``, 0 for the feed-forward's ``forward``);
+    both return the state last."""
+
+    def make(original):
+        def step(self, hidden, state=None, **kwargs):
+            if hidden.size(1) != 1 or state is None:
+                return original(self, hidden, state=state, **kwargs)
+            shift = self._modules["time_shift"]
+            self._modules["time_shift"] = _Shifted(state[slot][:, :, self.layer_id][:, None].to(hidden.dtype))
+            try:
+                out = original(self, hidden, state=None, **kwargs)
+            finally:
+                self._modules["time_shift"] = shift
+            state[slot][:, :, self.layer_id] = hidden[:, -1]
+            return (*out[:-1], state)
+
+        return step
+
+    return make
+
+
+SHIFT_PATCHES = [
+    compat.Patch(f"{MODULE}:RwkvSelfAttention", "extract_key_value", _one_token_shift(1), layer="compat",
+                 group="rwkv4", why="RWKV-4's one-token step broadcasts [B, C] against [B, 1, C] (B x B outputs "
+                                    "for batch > 1): batched decoding takes the previous hidden as [B, 1, C]"),
+    compat.Patch(f"{MODULE}:RwkvFeedForward", "forward", _one_token_shift(0), layer="compat", group="rwkv4",
+                 why="the same one-token shift bug in RWKV-4's feed-forward"),
+]
+
+
 class Rwkv4Adapter(Adapter):
     family = "rwkv4"
     model_types = ("rwkv",)
@@ -118,7 +167,11 @@ class Rwkv4Adapter(Adapter):
     def model_class(self):
         from transformers import RwkvForCausalLM
 
+        compat.install(self.support_patches())
         return RwkvForCausalLM
+
+    def support_patches(self):
+        return SHIFT_PATCHES
 
     def mixers(self, model):
         return [(i, block.attention) for i, block in enumerate(model.rwkv.blocks)]

@@ -127,7 +127,8 @@ def mc_given(mc: dict) -> bool:
 # Commands that live in their own modules (one module per command, so work on them does
 # not collide): each defines a click command named ``command``. Loaded lazily, so that
 # importing them cannot cycle back into this module while it is still initialising.
-LAZY_COMMANDS = {"eval": "cli.eval", "finetune": "cli.finetune", "generate": "cli.generate", "calibrate": "cli.calibrate"}
+LAZY_COMMANDS = {"eval": "cli.eval", "finetune": "cli.finetune", "generate": "cli.generate", "calibrate": "cli.calibrate",
+                 "lm-eval": "cli.harness"}
 
 
 class LazyGroup(click.Group):
