@@ -12,6 +12,18 @@ from .transformers.rwkv4 import Rwkv4Adapter
 
 ADAPTERS = [Mamba2Adapter(), MambaAdapter(), Rwkv4Adapter()]
 
+# transformers' hybrids on the Mamba2/Mamba scans, and Falcon-Mamba (their own copies of the ops)
+from .transformers.bamba import BambaAdapter  # noqa: E402
+from .transformers.falcon_h1 import FalconH1Adapter  # noqa: E402
+from .transformers.falcon_mamba import FalconMambaAdapter  # noqa: E402
+from .transformers.granitemoehybrid import GraniteMoeHybridAdapter  # noqa: E402
+from .transformers.jamba import JambaAdapter  # noqa: E402
+from .transformers.nemotron_h import NemotronHAdapter  # noqa: E402
+from .transformers.zamba2 import Zamba2Adapter  # noqa: E402
+
+ADAPTERS += [BambaAdapter(), FalconH1Adapter(), NemotronHAdapter(), GraniteMoeHybridAdapter(), Zamba2Adapter(),
+             JambaAdapter(), FalconMambaAdapter()]
+
 
 def register(adapter) -> None:
     """Add a family (used by the optional families, e.g. flash-linear-attention's)."""
@@ -60,6 +72,14 @@ def _register_fla_families() -> None:
 
     for adapter in (DeltaNetAdapter(), GatedDeltaNetAdapter(), RetNetAdapter(), GLAAdapter(), Rwkv6Adapter(),
                     Rwkv7Adapter(), Qwen3NextAdapter()):
+        register(adapter)
+    # the gated-delta-rule families of 2026 (their CPU routing is fla's, see adapters/fla/cpu.py)
+    from .fla.kda import KDAAdapter
+    from .transformers.kimi_linear import KimiLinearAdapter
+    from .transformers.olmo_hybrid import OlmoHybridAdapter
+    from .transformers.qwen3_5 import Qwen3_5Adapter, Qwen3_5MoeAdapter
+
+    for adapter in (KDAAdapter(), Qwen3_5Adapter(), Qwen3_5MoeAdapter(), OlmoHybridAdapter(), KimiLinearAdapter()):
         register(adapter)
 
 

@@ -43,6 +43,9 @@ class Adapter:
     # The family's own layer honours a left-padded attention_mask (pads leave the state
     # untouched), so Memory Caching can keep a segment clock per row.
     supports_padding: bool = False
+    # The formats the family also publishes checkpoints in besides transformers' layout
+    # (``mc_retrofit.formats.ForeignFormat``: e.g. mamba_ssm's config.json and weight names).
+    foreign_formats: tuple = ()
 
     def model_class(self):
         raise NotImplementedError

@@ -9,8 +9,8 @@ recognised, and refused, the same way everywhere. Kinds:
   both configs (``mc_retrofit``, ``hf_config``, ``mc_config``).
 
 Where it comes from: a path on disk, ``builtin:NAME`` (shipped in :mod:`mc_retrofit.builtin`),
-or an ``org/name[@revision]`` Hugging Face Hub id, which :func:`resolve_hub` will fetch
-(not yet: it says so). A path that exists on disk is always the local one.
+or an ``org/name[@revision]`` Hugging Face Hub id, which :func:`resolve_hub` downloads into
+the Hugging Face cache (:mod:`mc_retrofit.hub`). A path that exists on disk is always the local one.
 
 Only configs and safetensors headers are read here; no tensor is loaded.
 """
@@ -45,6 +45,12 @@ class Checkpoint:
     hf_config: object  # the family's transformers config
     mc_config: MCConfig | None  # None for an original checkpoint
     origin: str = "local"  # local, builtin or hub
+    # The layout its config and weights are in: "transformers", or a format its family also
+    # publishes in (mc_retrofit.formats: e.g. "mamba_ssm"), which load_base translates.
+    format: str = "transformers"
+    # The Hub id of the tokenizer its format implies, when it ships none (mamba_ssm's models
+    # use EleutherAI/gpt-neox-20b's); None when it has its own or its format implies none.
+    tokenizer_hint: str | None = None
 
     @property
     def converted(self) -> bool:
@@ -86,10 +92,13 @@ def open_checkpoint(path, *, revision: str | None = None, cache_dir: str | None 
             raise MCError(f"{p} has no readable model config in its metadata") from None
         return Checkpoint(str(path), p, "exported", config_from_dict(hf, where=str(p)),
                           MCConfig.from_json(meta["mc_config"]), origin)
-    hf = read_hf_config(p)
+    hf, fmt = read_config(p)
     converted = (p / CONFIG_NAME).is_file()
+    from .formats import TRANSFORMERS, tokenizer_hint
+
     return Checkpoint(str(path), p, "converted" if converted else "original", hf,
-                      MCConfig.load(p) if converted else None, origin)
+                      MCConfig.load(p) if converted else None, origin,
+                      format=fmt.name if fmt is not None else TRANSFORMERS, tokenizer_hint=tokenizer_hint(p, fmt))
 
 
 def locate(path, *, revision: str | None = None, cache_dir: str | None = None,
@@ -116,13 +125,12 @@ def resolve_hub(repo: str, revision: str | None = None, *, cache_dir: str | None
                 config_only: bool = False) -> Path:
     """The local directory of Hub repository ``repo`` at ``revision``.
 
-    The one place Hub ids resolve: the Hub issue downloads here (e.g.
-    ``huggingface_hub.snapshot_download``) and returns the snapshot's folder; everything
-    after it (kinds, configs, checks) is the same as for a local directory."""
-    spec = repo + (f"@{revision}" if revision else "")
-    fetch = f"hf download {repo}" + (f" --revision {revision}" if revision else "")
-    raise MCError(f"{spec} does not exist locally, and Hub ids are not supported yet: download it first "
-                  f"({fetch} --local-dir DIR) and give DIR")
+    The one place Hub ids resolve (tests point it at local folders): the snapshot folder in
+    the Hugging Face cache, downloaded if needed (see :func:`mc_retrofit.hub.resolve_hub`);
+    everything after it (kinds, configs, checks) is the same as for a local directory."""
+    from .hub import resolve_hub as download
+
+    return download(repo, revision, cache_dir=cache_dir, config_only=config_only)
 
 
 def resolve_path(path, **hub) -> Path:
@@ -147,7 +155,15 @@ def first_line(e: Exception) -> str:
 
 
 def read_hf_config(directory: Path):
-    """The transformers config of a Hugging Face-format directory, with clear errors."""
+    """The transformers config of a Hugging Face-format directory, with clear errors (a
+    config in a format its family also publishes in, e.g. mamba_ssm's, translated)."""
+    return read_config(directory)[0]
+
+
+def read_config(directory: Path):
+    """``(transformers config, the foreign format it was in or None)`` of a directory."""
+    from .formats import translate
+
     cfg_path = directory / "config.json"
     if not directory.is_dir():
         raise MCError(f"{directory} is not a directory of a Hugging Face-format model")
@@ -157,14 +173,19 @@ def read_hf_config(directory: Path):
         data = json.loads(cfg_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise MCError(f"{cfg_path} is not valid JSON ({e}); the file is broken") from None
-    return config_from_dict(data, where=str(cfg_path))
+    data, fmt = translate(data, where=str(cfg_path))
+    return config_from_dict(data, where=str(cfg_path)), fmt
 
 
 def config_from_dict(data: dict, where: str = "config"):
     from mc_retrofit.adapters import adapter_for
 
+    from .formats import known_formats, translate
+
+    data, _ = translate(data, where)  # a family's own format (no model_type) as its transformers config
     if not isinstance(data, dict) or "model_type" not in data:
-        raise MCError(f"{where} has no model_type: not a Hugging Face model config")
+        raise MCError(f"{where} has no model_type: not a Hugging Face model config "
+                      f"(nor one of the formats mc-retrofit translates: {', '.join(known_formats())})")
     adapter = adapter_for(types.SimpleNamespace(model_type=data["model_type"]))
     cls = adapter.model_class().config_class
     try:

@@ -1,6 +1,7 @@
 """``inspect``: what a model's recurrent state and Memory Caching cost, from configs alone."""
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 
 from .checkpoints import open_checkpoint
@@ -51,8 +52,8 @@ def describe(path, mc_config: MCConfig | None = None) -> Description:
                       "the original checkpoint with those options")
     cfg = saved if saved is not None else (mc_config or MCConfig())
     adapter = adapter_for(hf)
-    info = adapter.state_info(hf)
     recurrent = adapter.recurrent_layers(hf)
+    info = _state_info(adapter, hf, recurrent)
     bad = [i for i in (cfg.layers or []) if i not in recurrent]
     if bad:  # what convert refuses, inspect refuses (rather than costing zero layers)
         raise MCError(f"layers {bad} do not exist or are not recurrent: recurrent layers are {recurrent}")
@@ -70,3 +71,24 @@ def describe(path, mc_config: MCConfig | None = None) -> Description:
         cache_cap_bytes=None if cfg.max_cached_segments is None else cfg.max_cached_segments * segment_bytes,
         mc_config=cfg.to_dict(),
     )
+
+
+def _state_info(adapter, hf, recurrent):
+    """One recurrent layer's state, from a config cut after the layer that follows the first recurrent one.
+
+    ``StateInfo`` is one layer's, the same for every recurrent layer, so the rest is not
+    needed. Adapters that read the shapes off a model built on the meta device (fla's) then
+    build two layers, not all: fla's RWKV-7 layers run per-channel Python initialisation
+    loops even on meta, 15 s for the 2.9B model's 32 layers. Two, not one: RWKV-7's
+    initialisation divides by ``num_hidden_layers - 1``. Should the cut config not build (a
+    family whose config lists every layer, or whose first layers are not the family's
+    mixer), the full config is costed as before."""
+    n = getattr(hf, "num_hidden_layers", None)
+    if recurrent and isinstance(n, int) and recurrent[0] + 2 < n:
+        cut = copy.deepcopy(hf)
+        cut.num_hidden_layers = recurrent[0] + 2
+        try:
+            return adapter.state_info(cut)
+        except Exception:  # noqa: BLE001 - the full config below raises its own error, if any
+            pass
+    return adapter.state_info(hf)

@@ -54,20 +54,34 @@ class MCGate(nn.Module):
                 self.down.weight.copy_(torch.randn(self.down.weight.shape, generator=g) / math.sqrt(hidden_size))
                 self.up.weight.zero_()
 
+    def _apply(self, fn, recurse=True):
+        # The gates stay float32 whatever the model is cast to (``model.to(torch.bfloat16)``,
+        # ``.half()``): their logits and softmax are fp32 math, and a bf16 cache weight could not
+        # even hold the values a tuned gate takes. The device part of ``fn`` applies as usual.
+        def keep_fp32(t):
+            out = fn(t)
+            return out.float() if out.is_floating_point() and out.dtype != torch.float32 else out
+
+        return super()._apply(keep_fp32, recurse)
+
     def gate_scale(self) -> torch.Tensor:
         return 1.0 / (math.sqrt(self.key_dim) * self.log_temperature.exp())
 
     def gate_input(self, query: torch.Tensor, hidden: torch.Tensor | None) -> torch.Tensor:
-        """``u_t``: the layer's own query, ``q_t + x_t A B`` (lowrank) or ``x_t W_u`` (learned)."""
+        """``u_t``: the layer's own query, ``q_t + x_t A B`` (lowrank) or ``x_t W_u`` (learned);
+        float32 whatever the model's dtype (the gate logits are fp32 math). The layer input is
+        moved to the gate's device: under a device map the pre-hook sees it before accelerate
+        moves it to the layer."""
         if self.connector is None and self.up is None:
-            return query
+            return query.float()
         if hidden is None:
             raise RuntimeError(f"{self.config.gate_source} gate needs the layer input; the pre-hook did not record it")
         B, T = hidden.shape[:2]
+        first = self.down if self.up is not None else self.connector
+        x = hidden.to(device=first.weight.device, dtype=first.weight.dtype)
         if self.up is not None:
-            x = hidden.to(self.down.weight.dtype)
-            return query + self.up(self.down(x)).view(B, T, self.num_heads, self.key_dim).to(query.dtype)
-        return self.connector(hidden.to(self.connector.weight.dtype)).view(B, T, self.num_heads, self.key_dim)
+            return query.float() + self.up(self.down(x)).view(B, T, self.num_heads, self.key_dim)
+        return self.connector(x).view(B, T, self.num_heads, self.key_dim)
 
     def extra_repr(self) -> str:
         c = self.config

@@ -150,10 +150,13 @@ class LayerMemory:
         self.real = [r + tokens for r in self.real]
 
     def _append_many(self, states: torch.Tensor, pooled: torch.Tensor) -> None:
+        # Cached states and key summaries are float32 whatever the model's dtype (a family's
+        # capture may hand over its own dtype): every read of them is fp32 math.
+        states, pooled = states.float(), pooled.float()
         if self.states is None:
             self.states, self.pooled = states, pooled
         else:
-            self.states = torch.cat([self.states, states.to(self.states.dtype)], 1)
+            self.states = torch.cat([self.states, states], 1)
             self.pooled = torch.cat([self.pooled, pooled], 1)
         for r in range(len(self.serials)):
             for _ in range(states.shape[1]):
@@ -184,8 +187,8 @@ class LayerMemory:
         """Ragged append (padded batches): each of ``rows`` writes its next slot."""
         B = len(self.serials)
         if self.states is None:
-            self.states = state.new_zeros((B, 0) + tuple(state.shape[1:]))
-            self.pooled = pooled.new_zeros((B, 0) + tuple(pooled.shape[1:]))
+            self.states = state.new_zeros((B, 0) + tuple(state.shape[1:]), dtype=torch.float32)  # fp32, as above
+            self.pooled = pooled.new_zeros((B, 0) + tuple(pooled.shape[1:]), dtype=torch.float32)
         counts = self.counts
         grow = max(counts[r] for r in rows) + 1 - self.n  # new slots: zeros, invisible to rows that do not fill them
         # fresh tensors either way: a read earlier in this call may hold the old ones for backward

@@ -22,11 +22,12 @@ from safetensors.torch import load_file, load_model, save_file, save_model
 from .checkpoints import (EXPORT_FORMAT, GATES_NAME, Checkpoint, config_from_dict,  # noqa: F401
                           export_metadata, exports_to_file, open_checkpoint, read_hf_config, resolve_path,
                           weight_files)
-from . import compat
+from . import compat, formats
 from .checkpoints import first_line as _first_line
 from .config import MCConfig
 from .errors import MCError
 from .files import atomic_dir, atomic_file
+from .devices import check_placement, module_device
 from .layer import MCGate, attach, detach
 
 
@@ -148,12 +149,15 @@ def convert(model, config: MCConfig | None = None):
             raise MCError(f"layers {bad} do not exist or are not recurrent: recurrent layers are {valid}")
     config = MCConfig.from_dict({**config.to_dict(), "family": adapter.family})
     hooks = []
-    ref = next(model.parameters())
+    # Each gate lives where its layer computes (under a device map, layers sit on different
+    # devices, or are offloaded and run on their hook's execution device).
+    names = {m: n for n, m in model.named_modules()}
     for idx, mixer in mixers:
         if not config.applies_to(idx):
             continue
         heads, key_dim = adapter.gate_dims(mixer, model.config)
-        gate = MCGate(config, idx, heads, key_dim, model.config.hidden_size).to(ref.device)
+        gate = MCGate(config, idx, heads, key_dim, model.config.hidden_size)
+        gate = gate.to(module_device(model, mixer, names.get(mixer)))
         hooks += attach(mixer, gate, adapter.cache_reader(mixer), padding=adapter.supports_padding)
     # NaN/inf out of the backbone becomes one line (W18: a huge cache weight overflows)
     from .segments import check_finite_output
@@ -218,7 +222,8 @@ def _gates_detached(model):
 _SAVING_BASE: contextvars.ContextVar[bool] = contextvars.ContextVar("mc_saving_base", default=False)
 
 
-def save_converted(model, directory, force: bool = False, *, extra_files: dict | None = None, **kwargs):
+def save_converted(model, directory, force: bool = False, *, extra_files: dict | None = None, tokenizer=None,
+                   **kwargs):
     """Write a converted directory atomically (config, weights, mc_config, gates).
     ``mc_retrofit.save``; a converted model's ``save_pretrained`` comes here too.
     ``extra_files``: name -> text of reports to write in the same atomic step (e.g.
@@ -236,6 +241,8 @@ def save_converted(model, directory, force: bool = False, *, extra_files: dict |
             _SAVING_BASE.reset(token)
         state.config.save(tmp)
         _copy_side_files(state.source_dir, tmp)
+        if tokenizer is not None:  # the one the model was tuned with, over any the source shipped
+            tokenizer.save_pretrained(str(tmp))
         save_file(gates, str(tmp / GATES_NAME), metadata={"format": "pt", "mc_retrofit": EXPORT_FORMAT})
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
@@ -373,27 +380,35 @@ def load_base(path: str | Path | Checkpoint, dtype: torch.dtype | None = None, *
     math stay fp32 whatever it is); ``device``: where the model goes; ``device_map``: a
     big-model placement (``"auto"``) through accelerate, instead of ``device``."""
     _not_a_model(path, "load_base")
+    _check_placement(device, dtype, device_map)
     ckpt = open_checkpoint(path, revision=revision, cache_dir=cache_dir)
     if ckpt.exported:
         raise MCError(f"{ckpt.path} is an exported mc-retrofit file, not a Hugging Face-format model directory; "
                       "load it with mc_retrofit.load(path)")
     directory, config = ckpt.path, ckpt.hf_config
     adapter = _adapters().adapter_for(config)
-    weights = [p for p in directory.iterdir() if p.suffix in (".safetensors", ".bin") and p.name != GATES_NAME]
-    if not weights:
-        raise MCError(f"{directory} has no weights (model.safetensors); the checkpoint is incomplete")
-    # Names and shapes from the safetensors headers, checked against the config before
-    # transformers builds (and randomly initialises) whatever the config asks for.
-    shapes = _header_shapes([p for p in weights if p.suffix == ".safetensors"])
+    # Weights transformers cannot be given as a directory (a foreign format's names, pickle
+    # files, which are read safely there) come as tensors; safetensors in transformers'
+    # layout it reads itself (None).
+    state_dict = formats.state_dict_for(directory, formats.format_of(ckpt.format))
+    # Names and shapes (the safetensors headers, or the tensors read), checked against the config
+    # before transformers builds (and randomly initialises) whatever the config asks for.
+    shapes = (_header_shapes(weight_files(directory)) if state_dict is None
+              else {k: tuple(v.shape) for k, v in state_dict.items()})
     _check_against_config(config, adapter, shapes, str(directory), exact_names=False)
     # Mismatched sizes are reported below, by name; transformers would raise pointing at its
     # load report, which _quiet_transformers keeps off the terminal.
     kwargs = {"output_loading_info": True, "ignore_mismatched_sizes": True}
     if dtype is not None:
         kwargs["dtype"] = dtype
+    if device_map is not None:  # accelerate places the weights as they load (big-model loading)
+        kwargs["device_map"] = device_map
     try:
         with _quiet_transformers():
-            model, info = adapter.model_class().from_pretrained(str(directory), **kwargs)
+            if state_dict is None:
+                model, info = adapter.model_class().from_pretrained(str(directory), **kwargs)
+            else:
+                model, info = formats.from_state_dict(adapter.model_class(), config, state_dict, directory, **kwargs)
     except MCError:
         raise
     except Exception as e:  # noqa: BLE001
@@ -412,9 +427,17 @@ def load_base(path: str | Path | Checkpoint, dtype: torch.dtype | None = None, *
     if unexpected:
         raise MCError(f"{directory} has {len(unexpected)} weight(s) its config.json has no place for, e.g. "
                       f"{unexpected[0]}; the config does not belong to these weights")
+    if device is not None:
+        model.to(device)
     model.eval()
     model.mc_source_dir = str(directory)  # save_converted carries its side files along
     return model
+
+
+def _check_placement(device, dtype, device_map) -> None:
+    """check_placement for the Python API, where no device and no map mean the CPU (the
+    command line's default is the local GPU)."""
+    check_placement("cpu" if device is None and device_map is None else device, dtype, device_map)
 
 
 def _not_a_model(path, fn: str) -> None:
@@ -428,15 +451,20 @@ def load(path: str | Path | Checkpoint, dtype: torch.dtype | None = None, *, dev
     """Load a converted directory or an exported ``.safetensors`` file: a ready
     transformers model with Memory Caching applied (arguments as :func:`load_base`)."""
     _not_a_model(path, "load")
+    _check_placement(device, dtype, device_map)
     ckpt = open_checkpoint(path, revision=revision, cache_dir=cache_dir)
     p = ckpt.path
     if ckpt.exported:
-        return _load_exported(ckpt, dtype=dtype)
+        if device_map is not None:
+            raise MCError(f"{p} is an exported file, which loads whole: use --device, or turn it into a converted "
+                          f"directory (mc-retrofit export {p} --out DIR) and load that with --device-map")
+        return _load_exported(ckpt, dtype=dtype, device=device)
     if not ckpt.converted:
         raise MCError(f"{p} is an original checkpoint, not a converted one; run `mc-retrofit convert {p} --out DIR`")
     gates_file = p / GATES_NAME
     gates = _read_safetensors(gates_file) if gates_file.is_file() else None  # fail early, before the weights
-    model = convert(load_base(ckpt, dtype=dtype), ckpt.mc_config)
+    # The gates follow: convert puts each on its layer's device, loading copies into them.
+    model = convert(load_base(ckpt, dtype=dtype, device=device, device_map=device_map), ckpt.mc_config)
     if gate_modules(model):
         if gates is None:
             raise MCError(f"{gates_file} is missing; the converted directory is incomplete")
@@ -498,7 +526,7 @@ def export(model, out: str | Path, force: bool = False) -> Path:
 _SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
 
 
-def _load_exported(ckpt: Checkpoint, dtype: torch.dtype | None = None):
+def _load_exported(ckpt: Checkpoint, dtype: torch.dtype | None = None, device=None):
     path, config, mc_config = ckpt.path, ckpt.hf_config, ckpt.mc_config  # metadata read once, by open_checkpoint
     adapter = _adapters().adapter_for(config)
     shapes = _header_shapes([path])
@@ -521,5 +549,7 @@ def _load_exported(ckpt: Checkpoint, dtype: torch.dtype | None = None):
         raise MCError(f"{path} does not match its config (missing {sorted(missing)[:2]}, unexpected {sorted(unexpected)[:2]})")
     for name, value in gate_state_dict(model).items():  # refused like a converted directory's gates
         check_finite_gate(name, value)
+    if device is not None:
+        model.to(device)  # the gates with it (they stay float32)
     model.eval()
     return model

@@ -20,6 +20,7 @@ import torch
 from mc_retrofit.kernels import readout
 
 from .core import ReadInputs, batch_pieces
+from .devices import on_device
 from .errors import MCError
 from .layer import LayerRun
 from .memory import LayerMemory
@@ -126,7 +127,15 @@ def run_segments(run: LayerRun, rec: Recurrence):
     segment loop splits the family's scan at the boundaries, which reorders its sums:
     about 1e-6 off). When the gates are being trained from 0 (``finetune``'s start), the
     segment loop runs as well and supplies the gradient (its value still the base model's exactly).
+
+    Runs with the layer's GPU as the current device: under a device map the layer may sit
+    on another GPU than the current one, and Triton launches on the current device.
     """
+    with on_device(rec.keys.device):
+        return _run_segments(run, rec)
+
+
+def _run_segments(run: LayerRun, rec: Recurrence):
     run.memory.bind(rec.keys.shape[0])
     if _all_zero(run.gate):
         base_y, base_state = _run_whole(run, rec)

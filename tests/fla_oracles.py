@@ -94,17 +94,21 @@ def _reads():
             "rwkv6": plain(False, True), "rwkv7": plain(False, True)}
 
 
-def token_reference(model, family: str, ids: torch.Tensor, segment_size: int, aggregation: str, top_k: int = 2):
+def token_reference(model, family: str, ids: torch.Tensor, segment_size: int, aggregation: str, top_k: int = 2,
+                    read_of=None, names: tuple = ()):
     """Logits of ``model`` (unconverted) fed one token at a time with fla's cache, every
     linear layer's core op output replaced by the explicit Memory Caching aggregate over
-    the states fla itself produced at the segment boundaries (cloned snapshots)."""
+    the states fla itself produced at the segment boundaries (cloned snapshots).
+    ``read_of(kw) -> (q, k, read)``: the query, key and read of one op call (default: the
+    fla family's); ``names``: the op's positional argument names (transformers' hybrids call
+    theirs positionally; fla's layers by keyword)."""
     import importlib
 
     from mc_retrofit.adapters import adapter_for
 
     adapter = adapter_for(model.config)
     module = importlib.import_module(adapter.layer_module)
-    read_of = _reads()[family]
+    read_of = read_of or _reads()[family]
     layer_cls = getattr(module, adapter.layer_class)
     order = {id(m): i for i, m in enumerate(m for m in model.modules() if isinstance(m, layer_cls))}
     book = {i: dict(states=[], pools=[], key_sum=0.0, fill=0) for i in order.values()}
@@ -115,9 +119,8 @@ def token_reference(model, family: str, ids: torch.Tensor, segment_size: int, ag
 
     def make(orig):
         def op(*args, **kw):
-            assert not args, "fla layers call their ops by keyword"
-            kw = dict(kw)
-            kw["output_final_state"] = True
+            assert len(args) <= len(names), "positional op arguments need their names"
+            kw = {**dict(zip(names, args)), **kw, "output_final_state": True}
             o, state = orig(**kw)
             b = book[running["layer"]]
             q, k, read = read_of(kw)

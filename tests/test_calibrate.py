@@ -83,3 +83,18 @@ def test_calibrate_command_writes_a_converted_directory_with_its_report(tmp_path
     empty.write_bytes(b"")
     r = CliRunner().invoke(main, [*args[:3], str(empty), "--out", str(tmp_path / "cal2")])
     assert r.exit_code != 0 and "empty" in r.output and len(r.output.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("vocab", [200, 384])
+def test_calibrate_never_reads_bytes_as_the_ids_of_a_tokenized_model(tmp_path, vocab):
+    """A vocabulary that is not 256 and no tokenizer: bytes would be wrong ids (or out of range)."""
+    from click.testing import CliRunner
+
+    from mc_retrofit.cli import main
+
+    tiny_model("mamba2", vocab_size=vocab, chunk_size=16).save_pretrained(tmp_path / "ckpt")
+    (tmp_path / "train.txt").write_bytes(TEXT)
+    r = CliRunner().invoke(main, ["calibrate", str(tmp_path / "ckpt"), "--data", str(tmp_path / "train.txt"),
+                                  "--out", str(tmp_path / "cal"), "--seq-len", "320"])
+    assert r.exit_code != 0 and len(r.output.strip().splitlines()) == 1, r.output
+    assert f"{vocab}" in r.output and not (tmp_path / "cal").exists()

@@ -85,15 +85,19 @@ def test_a_checkpoint_opens_as_itself(paths):
 
 
 @pytest.mark.parametrize("spec", ["some-org/some-model", "some-org/some-model@v1.0", "org/name@0123abc"])
-def test_a_hub_id_is_not_supported_yet(spec, tmp_path, monkeypatch):
+def test_a_hub_id_that_is_nowhere(spec, tmp_path, monkeypatch):
+    """Not on disk, not in the (empty) Hugging Face cache, offline: one line (tests/test_hub.py
+    has the Hub ids that resolve)."""
     monkeypatch.chdir(tmp_path)  # nothing by that name here
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache"))
     with pytest.raises(MCError) as e:
         open_checkpoint(spec)
     text = _one_line(e)
-    assert "Hub ids are not supported yet" in text and spec in text and "does not exist" in text
+    assert "is not in the Hugging Face cache" in text and spec in text and "does not exist" in text
     # the CLI says the same, in one line
     r = CliRunner().invoke(main, ["inspect", spec])
-    assert r.exit_code == 1 and r.output.strip().count("\n") == 0 and "Hub ids are not supported yet" in r.output
+    assert r.exit_code == 1 and r.output.strip().count("\n") == 0 and "is not in the Hugging Face cache" in r.output
 
 
 def test_a_local_path_wins_over_a_hub_id(paths, tmp_path, monkeypatch):

@@ -140,6 +140,72 @@ class FlaRecurrence(LinearRecurrence):
         return o, final, flip(bounds.detach()).contiguous()
 
 
+class PackedFlaRecurrence(FlaRecurrence):
+    """A left-padded batch that fla's layer unpadded (its ``attention_mask`` -> ``cu_seqlens``,
+    real tokens packed into batch 1), seen by the segment loop as the padded ``[B, T]`` batch
+    (pads zero, ``valid [B, T]``: each row's segment clock starts at its first real token).
+    Each piece runs the op packed again (every row's real tokens of the piece, from that row's
+    own state), so a pad never enters a recurrence: no family needs a neutral pad value."""
+
+    def __init__(self, spec, original, call, state, valid):
+        self.valid = valid
+        super().__init__(spec, original, call, state)
+
+    def run(self, a, b, state):
+        v = self.valid[:, a:b]
+        B, rows = v.shape[0], v.any(1).nonzero().flatten()
+        if len(rows) == 0:  # every row still in its padding: nothing runs, the state stays
+            return self.call["v"].new_zeros(v.shape + self.call["v"].shape[2:]), state
+        piece = dict(self.call)
+        for name in self.spec.time_args:
+            if piece.get(name) is not None:
+                piece[name] = piece[name][:, a:b][v][None]
+        lens = v.sum(1)[rows]
+        piece["cu_seqlens"] = torch.cat([lens.new_zeros(1), lens.cumsum(0)])
+        init = None if state is None else state[rows]
+        if self.spec.fp32_state and init is not None:
+            init = init.float()
+        lead = [piece.pop(n) for n in self.spec.positional]
+        o, final = self.original(*lead, **piece, initial_state=init)
+        out = o.new_zeros(v.shape + o.shape[2:])
+        out[v] = o[0]
+        if len(rows) == B:
+            return out, final
+        # rows without a token in this piece keep their state (zero before their first token)
+        full = final.new_zeros((B,) + final.shape[1:]) if state is None else state.to(final.dtype).clone()
+        full[rows] = final
+        return out, full
+
+
+def _packed_rows(run, call: dict, spec: OpSpec):
+    """``call``'s time arguments ``[1, n, ...]`` (fla's layer unpadded a batch by its mask) as
+    padded rows ``[B, T, ...]`` (zeros at pads), and the real tokens ``[B, T]`` (None: all real).
+    Refuses ``cu_seqlens`` that are not the layer's own unpadding of the running call."""
+    cu = call.pop("cu_seqlens")
+    for extra in ("cu_seqlens_cpu", "chunk_indices"):
+        call.pop(extra, None)
+    if run.hidden is None:
+        raise MCError("Memory Caching could not see this fla layer's input, so it cannot unpack its packed "
+                      "(cu_seqlens) call; pass hidden_states to the layer positionally or by name")
+    B, T = run.hidden.shape[:2]
+    valid = run.valid
+    lens = torch.full((B,), T, dtype=torch.long) if valid is None else valid.sum(1).cpu()
+    if cu.numel() != B + 1 or not torch.equal(cu.cpu().long(), torch.cat([lens.new_zeros(1), lens.cumsum(0)])):
+        raise MCError("Memory Caching does not support packed variable-length input (cu_seqlens) passed to fla "
+                      "layers; pass a left-padded batch with its attention_mask instead")
+    for name in spec.time_args:
+        x = call.get(name)
+        if x is None:
+            continue
+        if valid is None:
+            call[name] = x.reshape((B, T) + x.shape[2:])
+        else:
+            rows = x.new_zeros((B, T) + x.shape[2:])
+            rows[valid] = x[0]
+            call[name] = rows
+    return valid
+
+
 def mc_op(spec: OpSpec):
     """An ``op_patch`` factory: the original op unless a Memory Caching layer runs; inside
     one, the segment loop of :func:`run_segments` with the family's linear read."""
@@ -150,15 +216,18 @@ def mc_op(spec: OpSpec):
             if run is None:
                 return original(*args, **kwargs)
             call = _bind(original, args, kwargs)
-            if call.get("cu_seqlens") is not None:
-                raise MCError("Memory Caching does not support packed variable-length input (cu_seqlens) or "
-                              "padding masks in fla layers; run unpadded (left-aligned) batches")
+            packed = call.get("cu_seqlens") is not None
+            valid = _packed_rows(run, call, spec) if packed else None
             if spec.prepare is not None:
                 spec.prepare(call)
             want_final = bool(call.get("output_final_state", False))
             init = call.pop("initial_state", None)
             call["output_final_state"] = True
-            y, final = run_segments(run, FlaRecurrence(spec, original, call, init))
+            rec = (FlaRecurrence(spec, original, call, init) if valid is None
+                   else PackedFlaRecurrence(spec, original, call, init, valid))
+            y, final = run_segments(run, rec)
+            if packed:  # back to fla's packed layout: [1, real tokens, ...]
+                y = y.reshape((1, -1) + y.shape[2:]) if valid is None else y[valid][None]
             return y, (final if want_final else None)
 
         return wrapper

@@ -258,6 +258,28 @@ def dplr_chunked(q, k, v, alpha, beta, gk, initial_state=None, output_final_stat
     return o.to(dtype), (S if output_final_state else None)
 
 
+def kda_chunked(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False):
+    """``fla.ops.kda.naive.naive_recurrent_kda`` ([B, T, H, K], v [B, T, HV, V]; GVA) as a DPLR
+    recurrence: ``S_t = D_t S - beta_t k_t ((k_t e^{g_t})^T S) + beta_t k_t v_t^T`` with
+    ``D_t = diag(e^{g_t})``, i.e. ``a = -k e^g``, ``b = beta k`` and key ``beta k``."""
+    HV = v.shape[2]
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    q, k = (x.float().repeat_interleave(HV // x.shape[2], dim=2) for x in (q, k))
+    q, k, v, g = (x.transpose(1, 2).float() for x in (q, k, v, g))
+    bk = k * beta.transpose(1, 2).float()[..., None]
+    o, S = dplr_core(q * scale, bk, v, -(k * g.exp()), bk, g, _init(initial_state))
+    return o.transpose(1, 2).contiguous(), (S if output_final_state else None)
+
+
+def gdn2_chunked(q, k, v, g, b, w, scale=None, initial_state=None, output_final_state=False):
+    """``fla.ops.gdn2.naive.naive_recurrent_gdn2`` ([B, T, H, D]) as a DPLR recurrence:
+    ``S_t = D_t S - k_t ((b_t k_t e^{g_t})^T S) + k_t (w_t v_t)^T``."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    q, k, v, g, b, w = (x.transpose(1, 2).float() for x in (q, k, v, g, b, w))
+    o, S = dplr_core(q * scale, k, w * v, -(b * k * g.exp()), k, g, _init(initial_state))
+    return o.transpose(1, 2).contiguous(), (S if output_final_state else None)
+
+
 # (module holding the naive recurrence, its name, chunkwise replacement)
 NAIVE = (
     ("fla.ops.delta_rule.naive", "delta_rule_recurrence", delta_rule_chunked),

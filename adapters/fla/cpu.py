@@ -30,6 +30,7 @@ signatures change between minor versions, so another version is refused with one
 from __future__ import annotations
 
 import importlib
+import inspect
 import math
 
 import torch
@@ -60,10 +61,10 @@ def _on_cpu(args, kwargs) -> bool:
     return t is not None and t.device.type == "cpu"
 
 
-def _dispatching(original, ref):
+def _dispatching(original, ref, split=False):
     def op(*args, **kwargs):
         if _on_cpu(args, kwargs):
-            return ref(*args, **kwargs)
+            return per_sequence(ref, args, kwargs) if split else ref(*args, **kwargs)
         return original(*args, **kwargs)
 
     op.__mc_cpu_original__ = original
@@ -81,13 +82,51 @@ def _resolve(ref):
     return ref
 
 
-def route(owner: str, name: str, ref, group: str = "fla-cpu") -> compat.Patch:
+def per_sequence(ref, args, kwargs):
+    """``ref(*args, **kwargs)``, where a ``cu_seqlens`` call (sequences packed into batch 1, as
+    fla's layers pass a padded batch) runs each sequence alone from its own ``initial_state[i]``:
+    the references are written for ``[B, T, ...]`` batches. ``ref`` returns (output, final state)."""
+    sig = inspect.signature(ref)
+    call = {}
+    for name, value in sig.bind(*args, **kwargs).arguments.items():
+        if sig.parameters[name].kind is inspect.Parameter.VAR_KEYWORD:
+            call.update(value)
+        else:
+            call[name] = value
+    cu = call.pop("cu_seqlens", None)
+    if cu is None:
+        return ref(**call)
+    bounds = [int(b) for b in cu.tolist()]
+    init, want = call.pop("initial_state", None), bool(call.pop("output_final_state", False))
+    timed = [n for n, t in call.items()
+             if isinstance(t, torch.Tensor) and t.dim() >= 2 and t.shape[:2] == (1, bounds[-1])]
+    outs, finals = [], []
+    for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
+        start = None if init is None else init[i:i + 1]
+        if a == b:  # a row that is all padding in this call: no output, its state unchanged
+            finals.append(start)
+            continue
+        piece = {**call, **{n: call[n][:, a:b] for n in timed}}
+        o, final = ref(**piece, initial_state=start, output_final_state=True)
+        outs.append(o)
+        finals.append(final)
+    if not outs:
+        raise MCError("fla CPU routing: a variable-length (cu_seqlens) call without any token")
+    if not want:
+        return torch.cat(outs, 1), None
+    like = next(f for f in finals if f is not None)  # a state that started and stayed empty is zero
+    return torch.cat(outs, 1), torch.cat([like.new_zeros(like.shape) if f is None else f.to(like.dtype)
+                                          for f in finals], 0)
+
+
+def route(owner: str, name: str, ref, group: str = "fla-cpu", split: bool = False) -> compat.Patch:
     """The "fla-cpu" patch putting a device check in front of ``owner.name``: CPU tensors go
     to ``ref``, others to the op it replaces. On a class (an autograd Function's ``apply``,
-    which the class inherits) the dispatcher is a staticmethod; uninstall deletes it again."""
+    which the class inherits) the dispatcher is a staticmethod; uninstall deletes it again.
+    ``split``: ``ref`` takes variable-length calls sequence by sequence (:func:`per_sequence`)."""
 
     def make(current):
-        op = _dispatching(current, _resolve(ref))
+        op = _dispatching(current, _resolve(ref), split)
         return staticmethod(op) if ":" in owner else op
 
     what = ref if isinstance(ref, str) else ref.__name__
@@ -210,8 +249,13 @@ def rotary_apply_ref(x, cos, sin, interleaved=False, inplace=False, seqlen_offse
     ``[B, T, H, D]``, cos/sin ``[seqlen, rotary_dim / 2]`` indexed from ``seqlen_offsets``."""
     from fla.modules.rotary import rotary_embedding_ref
 
-    if cu_seqlens is not None:
-        raise MCError("fla CPU routing: variable-length (cu_seqlens) rotary is not supported on CPU")
+    if cu_seqlens is not None:  # packed sequences (a padded batch unpadded by its mask), each from its own offset
+        bounds = [int(b) for b in cu_seqlens.tolist()]
+        offsets = (seqlen_offsets.tolist() if isinstance(seqlen_offsets, torch.Tensor)
+                   else [seqlen_offsets] * (len(bounds) - 1))
+        y = torch.cat([rotary_apply_ref(x[:, a:b], cos, sin, interleaved, False, int(o))
+                       for a, b, o in zip(bounds[:-1], bounds[1:], offsets)], 1)
+        return x.copy_(y) if inplace else y
     B, T = x.shape[:2]
     if isinstance(seqlen_offsets, torch.Tensor):
         idx = seqlen_offsets.to(cos.device).long()[:, None] + torch.arange(T, device=cos.device)[None]  # [B, T]
@@ -463,6 +507,62 @@ def rwkv7_mul_ref(r, w, k, v, kk, a, scale=1.0, initial_state=None, output_final
                      output_final_state=output_final_state, cu_seqlens=cu_seqlens)
 
 
+def _kda_beta(beta, use_beta_sigmoid_in_kernel, allow_neg_eigval):
+    beta = beta.float()
+    return torch.sigmoid(beta) * (2.0 if allow_neg_eigval else 1.0) if use_beta_sigmoid_in_kernel else beta
+
+
+def kda_ref(q, k, v, g, beta, A_log=None, dt_bias=None, scale=None, initial_state=None, output_final_state=False,
+            use_qk_l2norm_in_kernel=False, use_gate_in_kernel=False, use_beta_sigmoid_in_kernel=False,
+            allow_neg_eigval=False, lower_bound=None, state_v_first=False, cu_seqlens=None, **kwargs):
+    """``chunk_kda`` / ``fused_recurrent_kda`` (Kimi Delta Attention: the gated delta rule with a
+    per-key-channel decay ``g [B,T,HV,K]``) through fla's ``naive_recurrent_kda``; the gate by
+    ``naive_kda_gate`` (or ``naive_kda_lowerbound_gate`` with ``lower_bound``) when
+    ``use_gate_in_kernel``, beta by the kernel's sigmoid when asked. State ``[B,HV,K,V]``."""
+    from fla.ops.kda.gate import naive_kda_gate, naive_kda_lowerbound_gate
+    from fla.ops.kda.naive import naive_recurrent_kda
+
+    from .chunk import during_capture, kda_chunked
+
+    naive_recurrent_kda = during_capture(naive_recurrent_kda, kda_chunked)  # one-pass capture
+
+    _no_varlen(cu_seqlens, "KDA")
+    if use_gate_in_kernel:
+        g = (naive_kda_gate(g, A_log, dt_bias) if lower_bound is None
+             else naive_kda_lowerbound_gate(g, A_log, dt_bias, lower_bound))
+    if use_qk_l2norm_in_kernel:
+        q, k = _l2(q), _l2(k)
+    o, S = naive_recurrent_kda(
+        q.float(), k.float(), v.float(), g.float(), _kda_beta(beta, use_beta_sigmoid_in_kernel, allow_neg_eigval),
+        scale=scale, initial_state=_state_in(initial_state, state_v_first), output_final_state=True,
+    )
+    return o.to(v.dtype), _state_out(S, state_v_first, output_final_state)
+
+
+def gdn2_ref(q, k, v, g, b, w, scale=None, initial_state=None, output_final_state=False,
+             use_qk_l2norm_in_kernel=False, use_gate_in_kernel=False, state_v_first=False, cu_seqlens=None,
+             **kwargs):
+    """``chunk_gdn2`` / ``fused_recurrent_gdn2`` (Gated DeltaNet-2: per-channel decay ``g``, erase
+    gate ``b`` on K, write gate ``w`` on V; q/k/g/b already at the value-head count, as the layer
+    passes them) through fla's ``naive_recurrent_gdn2``. State ``[B,H,K,V]``."""
+    from fla.ops.gdn2.naive import naive_recurrent_gdn2
+
+    from .chunk import during_capture, gdn2_chunked
+
+    naive_recurrent_gdn2 = during_capture(naive_recurrent_gdn2, gdn2_chunked)  # one-pass capture
+
+    _no_varlen(cu_seqlens, "GDN-2")
+    if use_gate_in_kernel:  # fla.layers.gdn2 computes its gate itself; nothing here calls it so
+        raise MCError("fla CPU routing: GDN-2 with use_gate_in_kernel is not supported on CPU")
+    if use_qk_l2norm_in_kernel:
+        q, k = _l2(q), _l2(k)
+    o, S = naive_recurrent_gdn2(
+        *(x.float() for x in (q, k, v, g, b, w)), scale=scale,
+        initial_state=_state_in(initial_state, state_v_first), output_final_state=True,
+    )
+    return o.to(v.dtype), _state_out(S, state_v_first, output_final_state)
+
+
 # Per fla layer module: the recurrence names it imported and their CPU references.
 RECURRENCES = {
     "fla.layers.delta_net": {"chunk_delta_rule": delta_rule_ref, "fused_recurrent_delta_rule": delta_rule_ref},
@@ -476,6 +576,8 @@ RECURRENCES = {
     "fla.layers.gla": {"chunk_gla": gla_ref, "fused_recurrent_gla": gla_ref},
     "fla.layers.rwkv6": {"chunk_rwkv6": rwkv6_ref, "fused_recurrent_rwkv6": rwkv6_ref},
     "fla.layers.rwkv7": {"chunk_rwkv7": rwkv7_ref, "fused_mul_recurrent_rwkv7": rwkv7_mul_ref},
+    "fla.layers.kda": {"chunk_kda": kda_ref, "fused_recurrent_kda": kda_ref},
+    "fla.layers.gdn2": {"chunk_gdn2": gdn2_ref, "fused_recurrent_gdn2": gdn2_ref},
 }
 
 
@@ -503,10 +605,11 @@ LEAF_OPS = (
 def patches() -> list[compat.Patch]:
     """Every fla symbol the CPU routing replaces: the leaf ops' ``apply``, the convolution
     update, the activation helpers and each layer module's recurrences."""
-    out = [route(owner, "apply", ref) for owner, ref in LEAF_OPS]
+    out = [route(owner, "apply", ref, split=ref is causal_conv1d_apply_ref) for owner, ref in LEAF_OPS]
     out.append(route("fla.modules.causal_conv1d.ops", "causal_conv1d_update", causal_conv1d_update_ref))
     out += [route("fla.modules.activations.ops", name, ref) for name, ref in ACTIVATION_REFS.items()]
-    out += [route(module, name, ref) for module, names in RECURRENCES.items() for name, ref in names.items()]
+    out += [route(module, name, ref, split=True)
+            for module, names in RECURRENCES.items() for name, ref in names.items()]
     return out
 
 

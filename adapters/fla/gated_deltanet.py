@@ -25,15 +25,20 @@ def _layout(a):
     return "vk" if a.get("state_v_first") or a.get("transpose_state_layout") else "kv"
 
 
-def gdn_spec(q: str = "q", k: str = "k", v: str = "v") -> OpSpec:
-    """The gated delta rule's read, for an op whose q/k/v arguments have these names."""
+def gdn_spec(q: str = "q", k: str = "k", v: str = "v", gates: tuple[str, ...] = ("g", "beta"),
+             chunkwise: bool = True, fp32_state: bool = False) -> OpSpec:
+    """The gated delta rule's read, for an op whose q/k/v arguments have these names and whose
+    per-token ``gates`` run along time too. The delta-rule relatives (KDA's per-channel decay,
+    GDN-2's erase/write gates) change only how the state is written, not how it is read, so
+    they share this spec (``chunkwise``: the op's CPU reference can record segment-end states)."""
 
     def qk(a, name):
         x = l2norm(a[name]) if a.get("use_qk_l2norm_in_kernel") else a[name]
         return expand(x, a[v].shape[2])
 
-    return OpSpec(time_args=(q, k, v, "g", "beta"), query=lambda a: qk(a, q), keys=lambda a: qk(a, k),
-                  scale=lambda a: default_scale(a, q), layout=_layout, positional=(q, k, v), chunkwise=True)
+    return OpSpec(time_args=(q, k, v, *gates), query=lambda a: qk(a, q), keys=lambda a: qk(a, k),
+                  scale=lambda a: default_scale(a, q), layout=_layout, positional=(q, k, v), chunkwise=chunkwise,
+                  fp32_state=fp32_state)
 
 
 GDN_SPEC = gdn_spec()
@@ -41,6 +46,7 @@ GDN_SPEC = gdn_spec()
 
 class GatedDeltaNetAdapter(FlaAdapter):
     family = "gated_deltanet"
+    supports_padding = True  # its fla layer honours a left-padded attention_mask (tests/adapters/test_fla_padding.py)
     model_types = ("gated_deltanet",)
     description = "query l2norm(q_t) per value group; key summary mean l2norm(k_t); read K^-1/2 S_i q_t (V-first)"
     layer_module = "fla.layers.gated_deltanet"

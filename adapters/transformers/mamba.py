@@ -18,7 +18,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from mc_retrofit.adapters.base import Adapter, StateInfo, passthrough
+from mc_retrofit.adapters.base import StateInfo, passthrough
+from mc_retrofit.adapters.transformers.modeling import ModuleMixerAdapter
 from mc_retrofit.segments import LinearRecurrence, Stepped, run_segments
 
 MODULE = "transformers.models.mamba.modeling_mamba"
@@ -97,30 +98,54 @@ def _state_update(orig, run, state, hidden_states, dt, A, B, C, D=None, z=None, 
     return y.to(hidden_states.dtype)
 
 
-class MambaAdapter(Adapter):
-    family = "mamba"
-    model_types = ("mamba",)
+class MambaScanAdapter(ModuleMixerAdapter):
+    """A family whose recurrent layers are Mamba mixers calling their modeling module's own
+    copy of ``mamba_selective_scan`` / ``mamba_selective_state_update`` (Mamba itself, Jamba,
+    Falcon-Mamba). A family sets ``op_module``, ``model_class_name``, ``mixer_class_name`` and
+    :meth:`ssm_dims` where its config names differ."""
+
     writes_cache_in_place = True  # conv_states/ssm_states updated in place
     supports_padding = True
     description = "query C_t; key summary mean B_t; read h_i C_t before the D skip and silu(z)"
-    op_module = MODULE
     op_wrappers = {"mamba_selective_scan": _selective_scan, "mamba_selective_state_update": _state_update}
 
-    def model_class(self):
-        from transformers import MambaForCausalLM
-
-        return MambaForCausalLM
-
-    def mixers(self, model):
-        return [(i, layer.mixer) for i, layer in enumerate(model.backbone.layers)]
+    def ssm_dims(self, config) -> tuple[int, int]:
+        """(intermediate channels D, state size N) of one layer's ``h [D, N]``."""
+        return config.intermediate_size, config.state_size
 
     def gate_dims(self, mixer, config):
         return 1, mixer.ssm_state_size
 
     def state_info(self, config):
-        return StateInfo(
-            shapes=[(config.intermediate_size, config.state_size)],
-            bytes_per_element=4,
-            key_dim=config.state_size,
-            heads=1,
-        )
+        channels, state = self.ssm_dims(config)
+        return StateInfo(shapes=[(channels, state)], bytes_per_element=4, key_dim=state, heads=1)
+
+
+class MambaAdapter(MambaScanAdapter):
+    family = "mamba"
+    model_types = ("mamba",)
+    op_module = MODULE
+    model_class_name = "MambaForCausalLM"
+    mixer_class_name = "MambaMixer"
+
+
+# -- mamba_ssm's own format (state-spaces/mamba-130m ..., the repos without -hf) -------------
+from mc_retrofit.adapters.transformers import mamba_ssm  # noqa: E402 - the format's block, kept apart
+
+
+def _from_mamba_ssm(data: dict) -> dict:
+    """A mamba_ssm Mamba-1 config as MambaConfig fields (transformers' converter, made exact:
+    every mixer argument from ssm_cfg, with mamba_ssm's ``Mamba`` defaults)."""
+    fields, ssm = mamba_ssm.config_fields(
+        data, ssm_defaults=dict(d_state=16, d_conv=4, expand=2, dt_rank="auto", bias=False, conv_bias=True),
+        ssm_fields=dict(d_state="state_size", d_conv="conv_kernel", expand="expand", bias="use_bias",
+                        conv_bias="use_conv_bias"),
+        handled={"dt_rank", "dt_min", "dt_max", "dt_init", "dt_scale", "dt_init_floor", "use_fast_path"})
+    d_model = fields["hidden_size"]
+    rank = ssm["dt_rank"]
+    fields.update(intermediate_size=ssm["expand"] * d_model,
+                  time_step_rank=-(-d_model // 16) if rank == "auto" else rank)  # mamba_ssm's "auto": ceil(d/16)
+    return fields
+
+
+MambaAdapter.foreign_formats = (mamba_ssm.declare("Mamba1", _from_mamba_ssm),)

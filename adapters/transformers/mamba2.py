@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import torch
 
-from mc_retrofit.adapters.base import Adapter, StateInfo, expand_heads, passthrough
+from mc_retrofit.adapters.base import StateInfo, expand_heads, passthrough
+from mc_retrofit.adapters.transformers.modeling import ModuleMixerAdapter
 from mc_retrofit.kernels.capture import linear_boundary_states
 from mc_retrofit.segments import LinearRecurrence, Stepped, run_segments
 
@@ -80,7 +81,9 @@ def _chunk_scan(orig, run, hidden_states, dt, A, B, C, chunk_size, D=None, **kw)
 
 @passthrough
 def _state_update(orig, run, state, hidden_states, dt, A, B, C, D=None, **kw):
-    kw.pop("z", None)
+    # Falcon-H1 without its gated norm hands the ``silu(z)`` gate to the op: the cached
+    # reads go in before it, as before the gated norm elsewhere.
+    z = kw.pop("z", None)
     heads = hidden_states.shape[1]
     o = orig(state, hidden_states, dt, A, B, C, None, z=None, **kw)  # updates `state` in place
     q = expand_heads(C, heads, dim=1)[:, None]
@@ -89,32 +92,68 @@ def _state_update(orig, run, state, hidden_states, dt, A, B, C, D=None, **kw):
     y = y[:, 0]
     if D is not None:
         y = (y + hidden_states * D).to(y.dtype)
+    if z is not None:
+        y = y * torch.nn.functional.silu(z)
     return y.to(hidden_states.dtype)
 
 
-class Mamba2Adapter(Adapter):
-    family = "mamba2"
-    model_types = ("mamba2",)
+class Mamba2ScanAdapter(ModuleMixerAdapter):
+    """A family whose recurrent layers are Mamba2 mixers calling their modeling module's own
+    copy of ``mamba2_chunk_scan`` / ``mamba2_selective_state_update`` (Mamba2 itself and the
+    hybrids that keep a copy: Bamba, Falcon-H1, Nemotron-H, Granite 4, Zamba2). A family sets
+    ``op_module``, ``model_class_name``, ``mixer_class_name`` and ``state_fields`` (its config's
+    names for heads, head width and state size)."""
+
     supports_padding = True
     description = "query C_t; key summary mean B_t; read S_i C_t before the D skip and gated norm"
-    op_module = MODULE
     op_wrappers = {"mamba2_chunk_scan": _chunk_scan, "mamba2_selective_state_update": _state_update}
-
-    def model_class(self):
-        from transformers import Mamba2ForCausalLM
-
-        return Mamba2ForCausalLM
-
-    def mixers(self, model):
-        return [(i, layer.mixer) for i, layer in enumerate(model.backbone.layers)]
+    state_fields = ("num_heads", "head_dim", "state_size")
 
     def gate_dims(self, mixer, config):
         return mixer.num_heads, mixer.ssm_state_size
 
     def state_info(self, config):
-        return StateInfo(
-            shapes=[(config.num_heads, config.head_dim, config.state_size)],
-            bytes_per_element=4,
-            key_dim=config.state_size,
-            heads=config.num_heads,
-        )
+        heads, head_dim, state = (getattr(config, name) for name in self.state_fields)
+        return StateInfo(shapes=[(heads, head_dim, state)], bytes_per_element=4, key_dim=state, heads=heads)
+
+
+class Mamba2Adapter(Mamba2ScanAdapter):
+    family = "mamba2"
+    model_types = ("mamba2",)
+    op_module = MODULE
+    model_class_name = "Mamba2ForCausalLM"
+    mixer_class_name = "Mamba2Mixer"
+
+
+# -- mamba_ssm's own format (state-spaces/mamba2-130m ..., the repos without -hf) ------------
+from mc_retrofit.adapters.transformers import mamba_ssm  # noqa: E402 - the format's block, kept apart
+
+
+def _from_mamba_ssm(data: dict) -> dict:
+    """A mamba_ssm Mamba2 config as Mamba2Config fields (transformers' converter, made exact:
+    every mixer argument from ssm_cfg, with mamba_ssm's ``Mamba2`` defaults, e.g. 1 group)."""
+    from mc_retrofit.errors import MCError
+
+    fields, ssm = mamba_ssm.config_fields(
+        data, ssm_defaults=dict(d_state=128, d_conv=4, expand=2, headdim=64, ngroups=1, chunk_size=256, bias=False,
+                                conv_bias=True, d_ssm=None, D_has_hdim=False, rmsnorm=True, norm_before_gate=False),
+        ssm_fields=dict(d_state="state_size", d_conv="conv_kernel", expand="expand", headdim="head_dim",
+                        ngroups="n_groups", chunk_size="chunk_size", bias="use_bias", conv_bias="use_conv_bias",
+                        dt_limit="time_step_limit"),
+        handled={"d_ssm", "D_has_hdim", "rmsnorm", "norm_before_gate", "A_init_range", "dt_min", "dt_max",
+                 "dt_init_floor", "conv_init", "use_mem_eff_path"})
+    inner = ssm["expand"] * fields["hidden_size"]
+    # What transformers' Mamba2Mixer fixes: SSM over all channels, a D per head, the gated
+    # RMSNorm applied after the gate.
+    if ssm["d_ssm"] not in (None, inner):
+        raise MCError(f"its SSM covers {ssm['d_ssm']} of {inner} channels (d_ssm); transformers' Mamba2 covers all")
+    for key, want in (("D_has_hdim", False), ("rmsnorm", True), ("norm_before_gate", False)):
+        if bool(ssm[key]) != want:
+            raise MCError(f"its ssm_cfg sets {key} {ssm[key]!r}; transformers' Mamba2 has {key} {want}")
+    if inner % ssm["headdim"]:
+        raise MCError(f"its {inner} channels do not split into heads of {ssm['headdim']} (headdim)")
+    fields["num_heads"] = inner // ssm["headdim"]
+    return fields
+
+
+Mamba2Adapter.foreign_formats = (mamba_ssm.declare("Mamba2", _from_mamba_ssm),)

@@ -42,6 +42,7 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=400)
     ap.add_argument("--prompts", type=int, default=30)
     ap.add_argument("--out", default="recipes/studies/results/pilot-lowrank-mix")
+    ap.add_argument("--model", default="builtin:mamba2-byte-v2", help="a byte-level checkpoint (context 512)")
     a = ap.parse_args()
     cpu_numerics()
     torch.set_num_threads(1)
@@ -49,14 +50,14 @@ def main() -> None:
     emma = tasks.load_book("austen-emma.txt")
     t0 = time.time()
     rows = MixBuilder(text, 2048, "text=0.4,passkey=0.3,multikey=0.15,kv=0.15", vocab_size=256).tensors(a.rows, seed=0)
-    base = mc_retrofit.load_base("builtin:mamba2-byte-v2")
-    model = mc_retrofit.convert(mc_retrofit.load_base("builtin:mamba2-byte-v2"),
+    base = mc_retrofit.load_base(a.model)
+    model = mc_retrofit.convert(mc_retrofit.load_base(a.model),
                                 MCConfig(segment_size=256, aggregation="gated", gate_source="lowrank",
                                          gate_rank=a.rank, cache_weight=0.0))
     n_gate = sum(p.numel() for _, p in gate_parameters(model))
     n_all = sum(p.numel() for p in model.parameters())
     finetune(model, rows, steps=a.steps, seq_len=2048, batch=4, lr=a.lr, warmup=10, eval_every=0, progress=True)
-    out = {"model": "builtin:mamba2-byte-v2", "rank": a.rank, "steps": a.steps, "lr": a.lr, "rows": a.rows,
+    out = {"model": a.model, "rank": a.rank, "steps": a.steps, "lr": a.lr, "rows": a.rows,
            "gate_parameters": n_gate, "share_of_model": n_gate / n_all, "tune_seconds": round(time.time() - t0)}
     windows = torch.tensor(list(emma[200000:200000 + 8 * 2049])).view(8, 2049)
     for name, m in (("base", base), ("tuned", model)):
@@ -70,7 +71,8 @@ def main() -> None:
             out[f"{name}_passkey_{L}"] = {"accuracy": acc, "ci95": [ci.low, ci.high], "prompts": a.prompts}
             print(f"{name} pass key @{L}: {ci}", flush=True)
     Path(a.out).mkdir(parents=True, exist_ok=True)
-    path = Path(a.out) / f"result-r{a.rank}-s{a.steps}.json"
+    tag = "" if a.model == "builtin:mamba2-byte-v2" else Path(a.model.replace("builtin:", "")).name + "-"
+    path = Path(a.out) / f"result-{tag}r{a.rank}-s{a.steps}.json"
     path.write_text(json.dumps(out, indent=1) + "\n")
     print(f"wrote {path}")
 

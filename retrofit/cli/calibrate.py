@@ -52,10 +52,13 @@ def command(model_path, data, out, seq_len, windows, rows, segment_sizes, margin
     text = read_texts(data)
     if not text:
         raise MCError("the calibration data is empty")
-    base = m.load_base(source, **load.placement)
-    if base.config.vocab_size < 256 or _has_tokenizer(source.path):
+    from ..data.codec import codec_for
+
+    # before any weight loads; codec_for refuses bytes for a vocabulary that is not 256
+    if not codec_for(source.source_dir, source.hf_config.vocab_size).byte_level:
         raise MCError("calibrate reads text as bytes: it supports byte-level models (vocabulary 256, no tokenizer) "
                       "for now")
+    base = m.load_base(source, **load.placement)
     half = len(text) // 2  # windows from one half, retrieval filler from the other: no overlap
     stream = torch.tensor(list(text[:half]), dtype=torch.long)
     if len(stream) < seq_len + 1:
@@ -75,6 +78,3 @@ def command(model_path, data, out, seq_len, windows, rows, segment_sizes, margin
     click.echo(f"calibrated {model_path}: {result.bits:.4f} bits/token (base {result.base_bits:.4f}), retrieval "
                f"{result.accuracy:.3f} (base {result.base_accuracy:.3f}) -> {out}")
 
-
-def _has_tokenizer(path: Path) -> bool:
-    return path.is_dir() and any((path / n).exists() for n in ("tokenizer.json", "tokenizer_config.json"))

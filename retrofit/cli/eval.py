@@ -57,7 +57,7 @@ def command(model, recipe, configs, variant_specs, recipe_variants, only, out, s
             raise MCError(f"--only takes {', '.join(SECTIONS)}; not {', '.join(bad)}")
     # Every option that can be checked without the model is checked here, before it loads.
     load.check()
-    _check_tokenizer(tokenizer)
+    _check_tokenizer(tokenizer, cache_dir=load.cache_dir)
     rec = load_recipe(recipe)
     extra = [variant_from_file(c) for c in configs] + [parse_variant(s) for s in variant_specs]
     opts = EvalOptions(model=model, recipe=rec, variants=extra, use_recipe_variants=recipe_variants, seed=seed,
@@ -96,12 +96,13 @@ def _name_slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", str(name)).strip("-.") or "recipe"
 
 
-def _check_tokenizer(tokenizer: str | None) -> None:
-    """``--tokenizer`` is 'bytes' or a tokenizer folder on disk. A missing path would be
-    taken for a Hugging Face Hub name and retried over the network for a minute."""
-    from mc_retrofit.errors import MCError
+def _check_tokenizer(tokenizer: str | None, cache_dir: str | None = None) -> None:
+    """``--tokenizer`` is 'bytes', a tokenizer folder on disk or a Hugging Face Hub id
+    ``org/name[@rev]`` (``--revision`` is MODEL's, not the tokenizer's). A Hub id is
+    fetched here, before the model loads, so a missing or unreachable one fails first;
+    the evaluation then finds it in the cache."""
+    from ..hub import resolve_tokenizer
 
     if tokenizer is None or tokenizer == "bytes":
         return
-    if not Path(tokenizer).exists():
-        raise MCError(f"--tokenizer {tokenizer} does not exist: give 'bytes' or a folder with tokenizer files")
+    resolve_tokenizer(tokenizer, cache_dir=cache_dir)

@@ -19,14 +19,18 @@ from ..errors import MCError
 @click.option("--temperature", type=FiniteFloat(min=0), default=0.0, show_default=True,
               help="0 = greedy decoding.")
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--tokenizer", default=None, metavar="PATH|HUB_ID",
+              help="Tokenizer of the prompt and output (default: the checkpoint's own tokenizer files, else bytes "
+                   "for a 256-entry vocabulary); 'bytes' for token = UTF-8 byte.")
 @click.option("--stats", is_flag=True, help="Print the MC cache's segments and bytes at the end.")
 @load_options(device_map=True)
 @friendly
-def command(model_path, prompt_file, prompt, max_new_tokens, temperature, seed, stats, load):
+def command(model_path, prompt_file, prompt, max_new_tokens, temperature, seed, tokenizer, stats, load):
     """Stream a continuation of a prompt from MODEL (converted dir, exported file, or original checkpoint)."""
     import torch
 
     from .. import model as m
+    from ..data import codec_for
     from ..generation import ByteStreamer, cache_stats
 
     if (prompt_file is None) == (prompt is None):
@@ -41,8 +45,14 @@ def command(model_path, prompt_file, prompt, max_new_tokens, temperature, seed, 
         raise MCError("the prompt is empty")
     load.check()
     ckpt = load.open(model_path)
-    model = (m.load if ckpt.converted else m.load_base)(ckpt, **load.placement)
-    tokenizer = _tokenizer(ckpt.source_dir)
+    # before any weight loads: a model with a tokenizer never gets the prompt's bytes as ids
+    codec = codec_for(ckpt.source_dir, ckpt.hf_config.vocab_size, tokenizer, cache_dir=load.cache_dir,
+                      hint=getattr(ckpt, "tokenizer_hint", None))
+    placement = dict(load.placement)
+    if placement["device"] is None and placement["device_map"] is None and torch.cuda.is_available():
+        placement["device"] = "cuda"  # --device's default: the local GPU, else cpu
+    model = (m.load if ckpt.converted else m.load_base)(ckpt, **placement)
+    tokenizer = codec.tokenizer
     if tokenizer is not None:
         from transformers import TextStreamer
 
@@ -54,16 +64,19 @@ def command(model_path, prompt_file, prompt, max_new_tokens, temperature, seed, 
         ids = tokenizer(text, return_tensors="pt").input_ids
         streamer = TextStreamer(tokenizer, skip_prompt=True)
     else:
-        ids = torch.tensor([list(raw)])  # a byte-level model: token = byte, the file exactly
-        if int(ids.max()) >= model.config.vocab_size:
-            raise MCError("the model's vocabulary is smaller than 256 bytes and it ships no tokenizer")
+        ids = torch.tensor([list(raw)])  # a byte-level model (codec_for: 256 entries): token = byte, the file exactly
         streamer = ByteStreamer()
+    # The prompt goes where the model takes its input: under a device map, the embeddings'
+    # device (model.device is the first parameter's, which need not be it).
+    from ..devices import input_device
+
+    ids = ids.to(input_device(model))
     torch.manual_seed(seed)
     with torch.no_grad():
         out = model.generate(
             ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=temperature > 0,
             temperature=temperature if temperature > 0 else None, streamer=streamer, use_cache=True,
-            return_dict_in_generate=True, pad_token_id=model.config.pad_token_id or 0,
+            return_dict_in_generate=True, pad_token_id=getattr(model.config, "pad_token_id", None) or 0,
         )
     if stats:
         from ..compat import returned_cache
@@ -73,10 +86,3 @@ def command(model_path, prompt_file, prompt, max_new_tokens, temperature, seed, 
             s = cache_stats(cache)
             click.echo(f"MC cache: {s['segments']} segments, {s['bytes']} bytes", err=True)
 
-
-def _tokenizer(path: Path | None):
-    if path is None or not any((path / n).exists() for n in ("tokenizer.json", "tokenizer_config.json")):
-        return None
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(path))

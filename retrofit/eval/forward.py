@@ -28,9 +28,12 @@ def _head(model):
     return head
 
 
-def logits_at(model, hidden: torch.Tensor) -> torch.Tensor:
+def logits_at(model, hidden: torch.Tensor, device=None) -> torch.Tensor:
+    """fp32 logits of ``hidden``, on ``device`` if given (under a device map the head may sit
+    on another device than the input ids they are compared with)."""
     head = _head(model)
-    return head(hidden.to(head.weight.dtype)).float()
+    logits = head(hidden.to(head.weight.dtype)).float()
+    return logits if device is None else logits.to(device)
 
 
 @torch.no_grad()
@@ -41,7 +44,7 @@ def token_nll(model, ids: torch.Tensor) -> torch.Tensor:
     out = torch.empty(ids.shape[0], T - 1, dtype=torch.float32, device=ids.device)
     for a in range(0, T - 1, HEAD_SLICE):
         b = min(T - 1, a + HEAD_SLICE)
-        logp = torch.log_softmax(logits_at(model, hidden[:, a:b]), dim=-1)
+        logp = torch.log_softmax(logits_at(model, hidden[:, a:b], ids.device), dim=-1)
         out[:, a:b] = -logp.gather(-1, ids[:, a + 1:b + 1, None])[..., 0]
     return out
 
@@ -56,6 +59,6 @@ def answer_scores(model, ids: torch.Tensor, prompt_len: int, answer_len: int) ->
     ``[B]``: the answer's total negative log-likelihood in nats)."""
     hidden = backbone_hidden(model, ids)
     pos = slice(prompt_len - 1, prompt_len + answer_len - 1)
-    logits = logits_at(model, hidden[:, pos])
+    logits = logits_at(model, hidden[:, pos], ids.device)
     want = ids[:, prompt_len:prompt_len + answer_len]
     return tasks.answer_hits(logits, want).all(-1), tasks.answer_nll(logits, want)

@@ -96,7 +96,7 @@ def score_mqar(model, items: list[TaskItem], device, batch_size: int, variant: s
         hidden = backbone_hidden(model, ids)
         for b, it in enumerate(chunk):
             pos = (targets[b] != -100).nonzero()[:, 0]
-            logits = logits_at(model, hidden[b:b + 1, pos])[0]
+            logits = logits_at(model, hidden[b:b + 1, pos.to(hidden.device)], targets.device)[0]
             want = targets[b, pos]
             correct = tasks.answer_hits(logits, want).float().mean()
             nll = tasks.answer_nll(logits, want)

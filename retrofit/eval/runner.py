@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 from mc_retrofit.errors import MCError
 
 from .. import distributed
+from ..devices import input_device
 from . import perplexity, retrieval
 from .recipes import TASKS, resolve
 from .text import codec_for, default_texts, load_texts, tokenize_documents
@@ -95,7 +96,8 @@ def _evaluate(opts: EvalOptions, world: distributed.World, device: str, t_start:
     cfg = source.config()
     codec, texts = None, []
     if any(s != "mqar" for s in sections):  # text sections: a tokenizer and documents
-        codec = codec_for(source.path if source.path.is_dir() else None, cfg.vocab_size, opts.tokenizer)
+        codec = codec_for(source.path if source.path.is_dir() else None, cfg.vocab_size, opts.tokenizer,
+                          hint=getattr(source.checkpoint, "tokenizer_hint", None), cache_dir=opts.cache_dir)
         texts = load_texts(opts.data, opts.text_field, opts.split) if opts.data else default_texts()
         docs = tokenize_documents(texts, codec)
 
@@ -119,16 +121,19 @@ def _evaluate(opts: EvalOptions, world: distributed.World, device: str, t_start:
     for vi, variant in enumerate(variants):
         t0 = time.time()
         model = source.build(variant)
+        # Inputs go where the model takes them: the device, or under a device map the
+        # embeddings' device (the model spreads over several).
+        where = device if opts.device_map is None else input_device(model)
         for sec, items in mine.items():
             desc = f"[{vi + 1}/{len(variants)}] {variant.name}: {sec}"
             with tqdm(total=len(items), desc=desc, disable=not (opts.progress and world.main), leave=False,
                       unit="window" if sec == "perplexity" else "sample") as bar:
                 if sec == "perplexity":
                     bucket = recipe["perplexity"].get("position_bucket") or max(1, (ctx or 512) // 4)
-                    records += perplexity.score_windows(model, items, bucket, device, batch_size, variant.name, bar)
+                    records += perplexity.score_windows(model, items, bucket, where, batch_size, variant.name, bar)
                 else:
                     score = retrieval.score_mqar if sec == "mqar" else retrieval.score_items
-                    records += score(model, items, device, batch_size, variant.name, bar)
+                    records += score(model, items, where, batch_size, variant.name, bar)
         seconds[variant.name] = time.time() - t0
         if model is not source.base():
             del model
@@ -157,7 +162,7 @@ def _evaluate(opts: EvalOptions, world: distributed.World, device: str, t_start:
         "recipe": recipe,
         "sections": sections,
         "variants": [v.describe() for v in variants],
-        "environment": environment(device, world),
+        "environment": {**environment(device, world), "device_map": opts.device_map},
         "seconds": {"total": time.time() - t_start,
                     "per_variant": {n: max(t.get(n, 0.0) for t in timing) for n in names}},
     }

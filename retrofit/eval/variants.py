@@ -16,7 +16,8 @@ import torch
 from mc_retrofit.config import CONFIG_NAME, MCConfig
 from mc_retrofit.errors import MCError
 from mc_retrofit.checkpoints import open_checkpoint
-from mc_retrofit.model import convert, gate_modules, load, load_base
+from mc_retrofit.model import (GATES_NAME, _load_gates, _read_safetensors, convert, gate_modules, load, load_base,
+                               mc_state, unconvert)
 
 BASE = "base"
 OWN = "model"
@@ -82,26 +83,42 @@ class ModelSource:
     def own_config(self) -> MCConfig | None:
         return self.checkpoint.mc_config
 
+    @property
+    def _placement(self) -> dict:
+        """``load``/``load_base`` keywords: the dtype, and the device map or else the device."""
+        if self.device_map is not None:
+            return {"dtype": self.dtype, "device_map": self.device_map}
+        return {"dtype": self.dtype, "device": self.device}
+
     def base(self):
         """The unconverted base model (loaded once)."""
         if self._base is None:
             if self.exported:
                 # An exported file holds a converted model: with every cache weight at 0 it
                 # computes exactly what the base model computes.
-                model = load(self.checkpoint, dtype=self.dtype)  # --dtype applies to exported files too
+                model = load(self.checkpoint, **self._placement)  # --dtype applies to exported files too
                 with torch.no_grad():
                     for gate in gate_modules(model).values():
                         gate.cache_weight.zero_()
             else:
-                model = load_base(self.checkpoint, dtype=self.dtype)
-            self._base = model.to(self.device).eval()
+                model = load_base(self.checkpoint, **self._placement)
+            self._base = model.eval()
+        if self.device_map is not None and mc_state(self._base) is not None:
+            unconvert(self._base)  # a variant converted it in place (see build): the base again, exactly
         return self._base
 
     def build(self, variant: Variant):
         if variant.name == BASE:
             return self.base()
+        if self.device_map is not None and not self.exported:
+            # A model that needs a device map is too big to copy: each variant converts the
+            # base in place, and base() undoes it (one variant is alive at a time).
+            model = convert(self.base(), variant.mc)
+            if variant.source == OWN and gate_modules(model):
+                _load_gates(model, _read_safetensors(self.path / GATES_NAME))
+            return model.eval()
         if variant.source == OWN:
-            return load(self.checkpoint, dtype=self.dtype).to(self.device).eval()
+            return load(self.checkpoint, **self._placement).eval()
         if self.exported:
             raise MCError(
                 "an exported file can only be compared with its own configuration; give the original "

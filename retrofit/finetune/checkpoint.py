@@ -62,8 +62,8 @@ def run_id(model, args: FinetuneArgs, train: torch.Tensor, held: torch.Tensor) -
         if ".mc_gate." not in f".{name}":
             weights.update(p.detach().flatten()[:64].float().cpu().numpy().tobytes())
     data = hashlib.sha256()
-    for t in (train, held):  # bytes of text as bytes (not 8x as int64)
-        t = t.to(torch.uint8) if t.dim() == 1 else t
+    for t in (train, held):  # ids below 256 as one byte each (lossless; not 8x as int64), others whole
+        t = t.to(torch.uint8) if t.dim() == 1 and int(t.max()) < 256 and int(t.min()) >= 0 else t
         data.update(t.contiguous().cpu().numpy().tobytes())
     described = {"args": asdict(args), "mc_config": model.mc.config.to_dict(), "config": config,
                  "weights": weights.hexdigest(), "data": data.hexdigest()}

@@ -1,15 +1,81 @@
-"""Training data for gate-only fine-tuning: bytes from ``.txt`` files, a held-out tail, and
-the window sampler (random windows, or continuations of the previous step's windows when
-state passing is on)."""
+"""Training data for gate-only fine-tuning: the token stream (bytes of ``.txt`` files for a
+byte-level model, exactly as always; a tokenizer's ids of any :mod:`mc_retrofit.data`
+source otherwise), a held-out tail, and the window sampler (random windows, or
+continuations of the previous step's windows when state passing is on)."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from ..data.codec import Codec, codec_for
+from ..data.sources import is_streamed
+from ..data.tokens import load_corpus
 from ..errors import MCError
 from ..eval_only import check_not_eval_only
 from ..tasks import EVAL_ONLY, read_documents
+
+
+@dataclass
+class TokenStream:
+    """The training text as one stream of ids, and what an id is (``unit``: byte or token)."""
+
+    ids: torch.Tensor  # 1-D int64
+    codec: Codec
+    text: bytes  # the documents' text, joined (retrieval-aware rows are built from it)
+
+    @property
+    def unit(self) -> str:
+        return self.codec.unit
+
+
+def _document_source(data) -> bool:
+    """A source only :mod:`mc_retrofit.data` reads (rows of .jsonl, a dataset, a stream)."""
+    if is_streamed(data):
+        return True
+    if isinstance(data, (str, Path)):
+        p = Path(data)
+        return (p.is_file() and p.suffix in (".jsonl", ".json")) or (p.is_dir() and (
+            (p / "dataset_info.json").is_file() or (p / "dataset_dict.json").is_file()))
+    return False
+
+
+def token_stream(data, codec: Codec, *, text_field: str = "text", split: str | None = None,
+                 max_tokens: int | None = None) -> TokenStream:
+    """``data`` as the ids ``codec`` gives it. Bytes: :func:`read_texts` of ``.txt`` files,
+    unchanged (token = byte, files joined by a blank line); every other source and every
+    tokenizer goes through :func:`mc_retrofit.data.load_corpus` (evaluation-only text
+    refused in every document, documents tokenized once and cached, joined by EOS)."""
+    if isinstance(data, TokenStream):
+        return data
+    parts = list(data) if isinstance(data, (list, tuple)) else [data]
+    if codec.byte_level and not any(map(_document_source, parts)):  # bytes, .txt files: exactly as always
+        text = read_texts(data)
+        ids = torch.frombuffer(bytearray(text), dtype=torch.uint8).long() if text else torch.zeros(0, dtype=torch.long)
+        return TokenStream(ids if max_tokens is None else ids[:max_tokens], codec, text)
+    if not codec.byte_level and any(isinstance(d, (bytes, bytearray)) for d in parts):
+        raise MCError("raw bytes are text for a byte-level model only; give this model's tokenizer a file or dataset")
+    if len(parts) > 1:
+        from ..data.tokens import pack
+
+        streams = [token_stream(d, codec, text_field=text_field, split=split, max_tokens=max_tokens) for d in parts]
+        return TokenStream(pack([t.ids for t in streams], codec), codec, b"\n\n".join(t.text for t in streams))
+    corpus = load_corpus(data if not isinstance(data, (list, tuple)) else parts[0], codec, text_field=text_field,
+                         split=split, training=True, max_tokens=max_tokens)
+    return TokenStream(corpus.stream, codec, "\n\n".join(corpus.texts).encode("utf-8"))
+
+
+def model_codec(model, tokenizer=None) -> Codec:
+    """The codec of a converted ``model``: ``tokenizer`` (a Codec, ``"bytes"``, a folder or
+    Hub id), else the tokenizer files of the checkpoint it came from, else bytes for a
+    256-entry vocabulary (any other vocabulary without a tokenizer: refused)."""
+    if isinstance(tokenizer, Codec):
+        return tokenizer
+    from ..model import require_converted
+
+    source = require_converted(model).source_dir
+    return codec_for(Path(source) if source else None, model.config.vocab_size, tokenizer)
 
 
 def read_texts(data) -> bytes:
@@ -41,16 +107,17 @@ def read_texts(data) -> bytes:
     return out
 
 
-def split_heldout(data: bytes, seq_len: int, heldout_share: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Byte tensors (train, held-out); each must hold at least one window of seq_len + 1."""
+def split_heldout(data, seq_len: int, heldout_share: float, unit: str = "byte") -> tuple[torch.Tensor, torch.Tensor]:
+    """Id tensors (train, held-out) of ``data`` (bytes, or a 1-D tensor of ids); each must
+    hold at least one window of seq_len + 1."""
     need = seq_len + 1
     if len(data) == 0:
         raise MCError("the training data is empty")
     n_held = max(need, int(len(data) * heldout_share))
     if len(data) - n_held < need:
-        raise MCError(f"the training data has {len(data)} bytes; need at least {2 * need} "
-                      f"(a {need}-byte window to train on and one held out) at --seq-len {seq_len}")
-    t = torch.frombuffer(bytearray(data), dtype=torch.uint8).long()
+        raise MCError(f"the training data has {len(data)} {unit}s; need at least {2 * need} "
+                      f"(a {need}-{unit} window to train on and one held out) at --seq-len {seq_len}")
+    t = data.long() if isinstance(data, torch.Tensor) else torch.frombuffer(bytearray(data), dtype=torch.uint8).long()
     return t[: len(data) - n_held], t[len(data) - n_held:]
 
 

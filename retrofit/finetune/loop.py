@@ -2,9 +2,10 @@
 
 Only the tensors under ``.mc_gate.`` (``cache_weight``, ``log_temperature`` and the
 optional connector ``W_u``) are trained; every original weight is frozen and stays
-bit-identical. Data are bytes (token = byte) from local ``.txt`` files, sampled as random
-windows of ``seq_len + 1`` bytes from a seeded generator. The last ``heldout_share`` of the
-bytes is held out for the periodic evaluation loss.
+bit-identical. Data are the model's token ids (bytes of local ``.txt`` files for a byte-level
+model; the ids of its tokenizer for any source of :mod:`mc_retrofit.data`, tokenized once and
+cached), sampled as random windows of ``seq_len + 1`` ids from a seeded generator. The last
+``heldout_share`` of the stream is held out for the periodic evaluation loss.
 
 Long windows that do not fit (``finetune.step``): ``tbptt=L`` runs each window in chunks of
 ``L`` tokens through the family's cache (recurrent state + MC memory) with a backward per
@@ -18,7 +19,10 @@ from their final cache (detached), so the gates see memories older than one wind
 
 Data parallel (``mc_retrofit.distributed``): under ``torchrun`` (``WORLD_SIZE > 1``) every process
 draws the same global batch of ``batch`` windows and trains on its slice; DDP averages the
-gate gradients; rank 0 alone shows progress and writes checkpoints and the output.
+gate gradients; rank 0 alone shows progress and writes checkpoints and the output. With
+``shard="fsdp"`` the frozen base is sharded over the processes (FSDP2) and the replicated
+gates' gradients are averaged by ``World.average_gradients``; the output's base weights are
+gathered whole to rank 0 once, at the end, and written as an unsharded run writes them.
 
 Checkpoints (``<out>.checkpoint/``, written atomically) hold the gate tensors, the
 optimizer, the scheduler, the sampler (generator state and the current streams' starts),
@@ -48,8 +52,8 @@ from ..model import gate_parameters  # noqa: F401 (part of this face)
 from .carry import to_plain
 from .checkpoint import (STATE_NAME, FinetuneArgs, _load_checkpoint, _save_checkpoint,  # noqa: F401
                          checkpoint_dir, run_id)
-from .data import (RowSampler, WindowSampler, inputs_and_targets, labelled_rows, read_texts,  # noqa: F401
-                            sample_windows, split_heldout, split_rows)
+from .data import (RowSampler, TokenStream, WindowSampler, inputs_and_targets, labelled_rows,  # noqa: F401
+                   model_codec, read_texts, sample_windows, split_heldout, split_rows, token_stream)
 from .step import window_loss_and_backward
 
 HELDOUT_WINDOWS = 8  # fixed held-out windows per evaluation: cheap and comparable across steps
@@ -160,9 +164,14 @@ def finetune(model, texts_or_dataset, *, steps: int = 200, seq_len: int = 2048, 
              resume: bool = False, force: bool = False, checkpoint_every: int | None = None,
              stop_at: int | None = None, weight_decay: float = 0.0, heldout_share: float = 0.05,
              tbptt: int | None = None, state_passing: float = 0.0, grad_checkpointing: bool = False,
-             log: Callable[[str], None] = print, progress: bool = True) -> dict:
+             shard: str | None = None, tokenizer=None, text_field: str = "text", split: str | None = None,
+             max_tokens: int | None = None, log: Callable[[str], None] = print, progress: bool = True) -> dict:
     """Train only the MC gate parameters of the converted ``model`` (in place) on
-    ``texts_or_dataset``: text (see :func:`read_texts`; random byte windows); or token
+    ``texts_or_dataset``: text (random windows of the model's ids: ``.txt`` bytes for a
+    byte-level model, see :func:`read_texts`; the ids of its tokenizer, or of ``tokenizer``,
+    for any :mod:`mc_retrofit.data` source: ``.txt``, ``.jsonl`` (``text_field``), a saved
+    or streamed ``hf:`` dataset (``split``; ``max_tokens`` caps a stream), or a
+    :class:`~mc_retrofit.finetune.data.TokenStream` built before); or token
     sequences (synthetic tasks; whole rows are sampled, the last ``heldout_share`` of them is
     held out): a tensor ``[N, seq_len + 1]`` (next-token loss everywhere), or a pair
     ``(input_ids [N, seq_len], labels [N, seq_len])`` whose labels give the target of each
@@ -183,7 +192,9 @@ def finetune(model, texts_or_dataset, *, steps: int = 200, seq_len: int = 2048, 
     stream the MC memory keeps growing; ``max_cached_segments`` caps it).
     ``grad_checkpointing``: recompute each layer in the backward (whole windows only).
     Under ``torchrun`` (``WORLD_SIZE > 1``) ``batch`` is the global batch, split evenly over
-    the processes; rank 0 logs and writes."""
+    the processes; rank 0 logs and writes. ``shard="fsdp"`` (several processes only): the
+    base weights are sharded over them with FSDP2 (``mc_retrofit.distributed``), for a model
+    larger than one device; ``model`` stays sharded after the call."""
     from tqdm.auto import tqdm
 
     from ..model import require_converted, save_converted
@@ -213,18 +224,24 @@ def finetune(model, texts_or_dataset, *, steps: int = 200, seq_len: int = 2048, 
             raise MCError("state passing needs text streams; token sequences are independent rows")
         train, held = split_rows(texts_or_dataset, seq_len, heldout_share)
     else:
-        train, held = split_heldout(read_texts(texts_or_dataset), seq_len, heldout_share)
+        # the model's own codec: a model with a tokenizer never gets bytes as token ids
+        codec = texts_or_dataset.codec if isinstance(texts_or_dataset, TokenStream) else model_codec(model, tokenizer)
+        stream = token_stream(texts_or_dataset, codec, text_field=text_field, split=split, max_tokens=max_tokens)
+        train, held = split_heldout(stream.ids, seq_len, heldout_share, stream.unit)
+    unit = "token" if rows or not stream.codec.byte_level else "byte"
     vocab = model.config.vocab_size
     tokens = (train[:, 0], held[:, 0]) if rows and train.dim() == 3 else (train, held)
     if int(max(t.max() for t in tokens)) >= vocab or int(min(t.min() for t in tokens)) < 0:
         raise MCError(f"the data has tokens outside the model's vocabulary (0..{vocab - 1})"
-                      + ("" if rows else ": byte-level models only"))
+                      + ("" if rows else f" (read with {stream.codec.name}): not this model's tokenizer"))
     check_reads_cache(state.config, seq_len, tbptt, state_passing)  # the data's own errors first
 
     params = gate_parameters(model)
     if not params:
         raise MCError("the model has no MC gate parameters to train")
-    dist = distributed.setup(model, batch)
+    # the run id reads the base weights whole: before setup may shard them
+    run = run_id(model, args, train, held) if out is not None else None
+    dist = distributed.setup(model, batch, shard)
     if not dist.main:
         log, progress = (lambda s: None), False
     device = next(model.parameters()).device
@@ -247,7 +264,6 @@ def finetune(model, texts_or_dataset, *, steps: int = 200, seq_len: int = 2048, 
     held_windows = (held[:n_held] if rows else sample_windows(held, n_held, seq_len, held_gen)).to(device)
     ckpt = checkpoint_dir(out) if out is not None else None
     every = checkpoint_every or eval_every
-    run = run_id(model, args, train, held) if ckpt is not None else None
 
     step, carry = 0, None
     if resume:
@@ -289,6 +305,7 @@ def finetune(model, texts_or_dataset, *, steps: int = 200, seq_len: int = 2048, 
                     keep_cache=state_passing > 0, no_sync=no_sync)
             except MCError as e:
                 raise MCError(f"step {step + 1}: {e}") from None
+            dist.average_gradients([p for _, p in params])  # under --shard fsdp (DDP has done it)
             used_lr = sched.get_last_lr()[0]  # the rate this step ran with (step() moves to the next)
             train_loss = float(dist.mean(loss))
             _check_finite(step + 1, "training loss", train_loss, lr)  # before the step moves the gates
@@ -304,7 +321,7 @@ def finetune(model, texts_or_dataset, *, steps: int = 200, seq_len: int = 2048, 
             bar.set_postfix(loss=f"{train_loss:.4f}", lr=f"{used_lr:.2e}")
             if eval_every and (step % eval_every == 0 or step == steps):
                 history.append((step, heldout()))
-                (bar.write if progress else log)(f"step {step}: held-out loss {history[-1][1]:.4f} nats/byte")
+                (bar.write if progress else log)(f"step {step}: held-out loss {history[-1][1]:.4f} nats/{unit}")
             if ckpt is not None and ((every and step % every == 0) or step == end) and step < steps:
                 carries = dist.gather(None if carry is None else to_plain(carry)) if state_passing > 0 else None
                 if dist.main:
@@ -319,13 +336,16 @@ def finetune(model, texts_or_dataset, *, steps: int = 200, seq_len: int = 2048, 
         for n, p in model.named_parameters():
             p.requires_grad_(flags[n])
     held_loss = history[-1][1] if history and history[-1][0] == step else heldout()
+    base = distributed.base_state_dict(model, dist) if out is not None and step >= steps else None  # all ranks
     if out is not None and step >= steps and dist.main:
-        save_converted(model, out, force=force)
+        # a tokenizer given for the run (--tokenizer) goes with the model it was tuned with
+        tok = None if rows or stream.codec.byte_level else stream.codec.tokenizer
+        save_converted(model, out, force=force, tokenizer=tok, **({} if base is None else {"state_dict": base}))
         if ckpt.exists():
             import shutil
 
             shutil.rmtree(ckpt, ignore_errors=True)
         log(f"wrote {out}")
     dist.close()  # every rank waits for rank 0's save
-    return {"step": step, "train_loss": train_loss, "heldout_loss": held_loss, "history": history}
+    return {"step": step, "train_loss": train_loss, "heldout_loss": held_loss, "history": history, "unit": unit}
 

@@ -20,6 +20,7 @@ segment caches within it), ``generate_until`` through ``generate`` and its strea
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import torch
 
@@ -116,6 +117,12 @@ def load_tokenizer(source, spec: str | None, vocab_size: int):
         folder = source.checkpoint.source_dir
         if folder is not None and any((folder / f).is_file() for f in TOKENIZER_FILES):
             where = str(folder)
+        else:  # the tokenizer a checkpoint's format names (mamba_ssm: gpt-neox-20b's)
+            where = getattr(source.checkpoint, "tokenizer_hint", None)
+    if where is not None and not Path(where).exists():
+        from mc_retrofit.hub import resolve_tokenizer
+
+        where = str(resolve_tokenizer(where))
     if where is None:
         raise MCError(f"{source.spec} ships no tokenizer, and lm-eval's tasks are text: give tokenizer=PATH "
                       f"(a byte-level model needs a tokenizer that maps text to its {vocab_size} ids)")

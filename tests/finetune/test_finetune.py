@@ -409,3 +409,20 @@ def test_tbptt_and_state_passing_in_every_transformers_family(family):
     model = mr.convert(tiny_model(family, vocab_size=256),
                        mr.MCConfig(segment_size=5, cache_weight=0.5, gate_source="learned"))
     check_tbptt_family(model, 256)
+
+
+def test_the_resume_id_tells_token_streams_apart():
+    """Ids of a tokenized model are hashed whole: streams equal modulo 256 are different runs
+    (byte streams still hash one byte per token)."""
+    import mc_retrofit
+    from mc_retrofit import MCConfig
+    from mc_retrofit.finetune.checkpoint import FinetuneArgs, run_id
+
+    from conftest import tiny_model
+
+    model = mc_retrofit.convert(tiny_model("mamba2", vocab_size=600), MCConfig(segment_size=4))
+    args = FinetuneArgs(steps=1, seq_len=8, lr=0.1, batch=1, warmup=0, seed=0, weight_decay=0.0, heldout_share=0.1)
+    a = torch.arange(40) + 300
+    held = torch.arange(10)
+    assert run_id(model, args, a, held) != run_id(model, args, a - 256, held)
+    assert run_id(model, args, a - 256, held) == run_id(model, args, (a - 256).clone(), held)

@@ -103,9 +103,9 @@ def test_global_batch_must_split_evenly(monkeypatch):
         setup(_converted(), 4)
 
 
-@pytest.mark.slow
-def test_torchrun_cli_matches_one_process(tmp_path):
-    """The documented entry point: ``torchrun --nproc-per-node 2 -m mc_retrofit finetune``."""
+def torchrun_and_one_process(tmp_path, two_process_flags=()):
+    """The documented entry point, ``torchrun --nproc-per-node 2 -m mc_retrofit finetune ...``
+    (with ``two_process_flags``), and the same run in one process: their gate state dicts."""
     import subprocess
     import sys
 
@@ -117,12 +117,17 @@ def test_torchrun_cli_matches_one_process(tmp_path):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     launch = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
               "--master-port", str(_free_port())]
-    for cmd, out in ((launch, "two"), ([sys.executable], "one")):
-        r = subprocess.run([*cmd, "-m", "mc_retrofit", "finetune", *common, "--out", str(tmp_path / out)],
+    for cmd, out, extra in ((launch, "two", list(two_process_flags)), ([sys.executable], "one", [])):
+        r = subprocess.run([*cmd, "-m", "mc_retrofit", "finetune", *common, *extra, "--out", str(tmp_path / out)],
                            capture_output=True, text=True, env=env, timeout=300)
         assert r.returncode == 0, r.stderr[-2000:]
         assert r.stdout.count("finetuned") == 1  # rank 0 alone reports
-    two, one = (gate_state_dict(mr.load(tmp_path / n)) for n in ("two", "one"))
+    return tuple(gate_state_dict(mr.load(tmp_path / n)) for n in ("two", "one"))
+
+
+@pytest.mark.slow
+def test_torchrun_cli_matches_one_process(tmp_path):
+    two, one = torchrun_and_one_process(tmp_path)
     assert any(bool((v != 0).any()) for k, v in one.items() if k.endswith("cache_weight"))
     for k in one:
         torch.testing.assert_close(two[k], one[k], rtol=0, atol=5e-6)

@@ -66,9 +66,15 @@ def test_rolling_loglikelihood_equals_the_projects_own_nll(ckpt):
     assert lm.model.mc.config.segment_size == 16
 
 
-def test_mc_off_equals_lm_evals_own_hf_model_exactly(ckpt):
-    ours = MCLM(str(ckpt), mc="off", device="cpu")
-    theirs = HFLM(pretrained=str(ckpt), device="cpu", dtype="float32")
+def test_mc_off_equals_lm_evals_own_hf_model_exactly(tmp_path):
+    """RWKV-4: lm-eval's hf model loads through AutoModelForCausalLM, which fla (once imported)
+    points at its own Mamba/Mamba2 classes; RWKV-4 is transformers' alone."""
+    tok = _tokenizer(tmp_path)
+    tiny_model("rwkv4", vocab_size=len(tok)).save_pretrained(tmp_path)
+    ours = MCLM(str(tmp_path), mc="off", device="cpu")
+    # lm-eval reads RWKV's training context (128) as a hard limit; a recurrent model has none
+    theirs = HFLM(pretrained=str(tmp_path), device="cpu", dtype="float32", max_length=ours.max_length)
+    assert type(ours.model) is type(theirs.model) and ours.max_length == UNBOUNDED
     texts = [TEXT[:400], TEXT[50:260]]
     assert _rolling(ours, texts) == _rolling(theirs, texts)
     reqs = [Instance("loglikelihood", {}, ("The pass key is", " 4821"), 0)]
@@ -170,3 +176,31 @@ def test_cli_compare_runs_lm_eval_twice_and_writes_one_table(ckpt, tmp_path, mon
     assert base["config"]["model_args"]["mc"] == "base" and "mc" not in mc["config"]["model_args"]
     b, m = base["results"]["mc_rolling"]["bits_per_byte,none"], mc["results"]["mc_rolling"]["bits_per_byte,none"]
     assert f"{m - b:+.4f}" in table
+
+
+def _generate(lm, prompts):
+    reqs = [Instance("generate_until", {}, (p, {"until": ["."], "max_gen_toks": 5, "do_sample": False}), i)
+            for i, p in enumerate(prompts)]
+    return lm.generate_until(reqs, disable_tqdm=True)
+
+
+PROMPTS = ["The pass key is 4821. Remember it. The pass key is", "It is a truth", "a single man in possession of"]
+
+
+def test_generation_batches_are_left_padded_where_the_family_takes_padding(ckpt):
+    """Mamba2 takes left padding under MC: a batch of 3 generates what each prompt does alone."""
+    batched = MCLM(str(ckpt), segment_size=4, device="cpu", batch_size=3)
+    alone = MCLM(str(ckpt), segment_size=4, device="cpu", batch_size=1)
+    assert batched.supports_padding
+    assert _generate(batched, PROMPTS) == _generate(alone, PROMPTS)
+
+
+def test_a_family_without_padding_generates_one_prompt_at_a_time(tmp_path, caplog):
+    tok = _tokenizer(tmp_path)
+    tiny_model("rwkv4", vocab_size=len(tok)).save_pretrained(tmp_path)
+    lm = MCLM(str(tmp_path), segment_size=4, device="cpu", batch_size=3)
+    assert not lm.supports_padding
+    with caplog.at_level(logging.WARNING, logger="mc_retrofit.harness"):
+        got = _generate(lm, PROMPTS)
+    assert "generate_until runs with batch size 1" in caplog.text and lm.batch_size_per_gpu == 3
+    assert got == _generate(MCLM(str(tmp_path), segment_size=4, device="cpu", batch_size=1), PROMPTS)
