@@ -149,6 +149,16 @@ def weight_files(directory: Path) -> list[Path]:
     return sorted(p for p in directory.glob("*.safetensors") if p.name != GATES_NAME)
 
 
+def read_safetensors(path: Path) -> dict:
+    """Every tensor of a safetensors file, or one line saying it is not a readable one."""
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except Exception as e:  # noqa: BLE001
+        raise MCError(f"{path} is not a readable safetensors file ({first_line(e)}); it may be corrupted") from None
+
+
 def first_line(e: Exception) -> str:
     text = str(e).strip().splitlines()
     return text[0] if text else type(e).__name__

@@ -175,7 +175,7 @@ def state_dict_for(directory: Path, fmt: ForeignFormat | None) -> dict[str, torc
     cannot be given the directory as it is: a foreign format (its names), or pickle weights
     only (read safely here, never by transformers). None: safetensors in transformers'
     layout, which transformers reads itself. Safetensors win over pickles, as in transformers."""
-    from .checkpoints import weight_files
+    from .checkpoints import read_safetensors, weight_files
 
     safetensors = weight_files(directory)
     if fmt is None and safetensors:
@@ -187,21 +187,10 @@ def state_dict_for(directory: Path, fmt: ForeignFormat | None) -> dict[str, torc
     rename = fmt.rename if fmt is not None else _same
     tensors: dict[str, torch.Tensor] = {}
     for f in files:
-        part = _read_safetensors(f) if f.suffix == ".safetensors" else read_pickle(f)
+        part = read_safetensors(f) if f.suffix == ".safetensors" else read_pickle(f)
         for name, value in part.items():
             tensors[rename(name)] = value
     return tensors
-
-
-def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    from .checkpoints import first_line
-
-    try:
-        return load_file(str(path))
-    except Exception as e:  # noqa: BLE001
-        raise MCError(f"{path} is not a readable safetensors file ({first_line(e)}); it may be corrupted") from None
 
 
 def from_state_dict(model_class, config, state_dict: dict, directory: Path, **kwargs):

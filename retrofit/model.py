@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, load_model, save_file, save_model
+from safetensors.torch import load_model, save_file, save_model
 
 # What a path holds is decided in checkpoints.py; the names stay importable from here.
 from .checkpoints import (EXPORT_FORMAT, GATES_NAME, Checkpoint, config_from_dict,  # noqa: F401
@@ -24,6 +24,7 @@ from .checkpoints import (EXPORT_FORMAT, GATES_NAME, Checkpoint, config_from_dic
                           weight_files)
 from . import compat, formats
 from .checkpoints import first_line as _first_line
+from .checkpoints import read_safetensors as _read_safetensors
 from .config import MCConfig
 from .errors import MCError
 from .files import atomic_dir, atomic_file
@@ -470,13 +471,6 @@ def load(path: str | Path | Checkpoint, dtype: torch.dtype | None = None, *, dev
             raise MCError(f"{gates_file} is missing; the converted directory is incomplete")
         _load_gates(model, gates)
     return model
-
-
-def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    try:
-        return load_file(str(path))
-    except Exception as e:  # noqa: BLE001
-        raise MCError(f"{path} is not a readable safetensors file ({_first_line(e)}); it may be corrupted") from None
 
 
 def _load_gates(model, tensors: dict[str, torch.Tensor]) -> None:

@@ -35,15 +35,21 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, world: int, port: int, tmp: str) -> None:
+def join_gloo(rank: int, world: int, port: int) -> None:
+    """A spawned worker's torchrun-like environment and its gloo process group."""
     import torch.distributed as dist
 
     cpu_numerics()
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank),
                       LOCAL_RANK=str(rank))
-    # One process group for the three runs (finetune joins it and leaves it up).
     dist.init_process_group("gloo", rank=rank, world_size=world)
+
+
+def _worker(rank: int, world: int, port: int, tmp: str) -> None:
+    import torch.distributed as dist
+
+    join_gloo(rank, world, port)  # one process group for the three runs (finetune joins it, leaves it up)
     import mc_retrofit.finetune.loop as ft
 
     seen, step = [], ft.window_loss_and_backward

@@ -4,7 +4,6 @@ holds only its shard of every base weight, resume is exact, and the written dire
 loads with base weights bit-identical to the source checkpoint."""
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
@@ -12,12 +11,12 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
 import mc_retrofit as mr
-from mc_retrofit.distributed import check_shard, cpu_numerics
+from mc_retrofit.distributed import check_shard
 from mc_retrofit.finetune import finetune
 from mc_retrofit.model import gate_state_dict
 
 from conftest import tiny_model
-from finetune.test_finetune_dist import TEXT, _free_port, torchrun_and_one_process
+from finetune.test_finetune_dist import TEXT, _free_port, join_gloo, torchrun_and_one_process
 
 # TBPTT (chunks accumulate the gate gradients; one all-reduce per step) and state passing
 # (the checkpoint gathers every rank's carried cache; resuming builds it with a forward of
@@ -35,11 +34,7 @@ def _worker(rank: int, world: int, port: int, tmp: str) -> None:
     import torch.distributed as dist
     from torch.distributed.tensor import DTensor
 
-    cpu_numerics()
-    torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank),
-                      LOCAL_RANK=str(rank))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    join_gloo(rank, world, port)
     try:
         model = _converted(f"{tmp}/base")
         full = {n: p.numel() for n, p in model.named_parameters()}
