@@ -50,15 +50,21 @@ def main(argv: list[str] | None = None) -> None:
     if (_value(argv, "--model") or _value(argv, "-M")) not in ("mc-retrofit", "mc_retrofit"):
         raise MCError("--compare compares mc=off with MC settings of --model mc-retrofit: give --model mc-retrofit")
     root = Path(out)
+    table_path = root / "compare.md"
+    if table_path.exists():  # checked before the (long) runs: an earlier table is never replaced
+        raise MCError(f"{table_path} exists (an earlier --compare): choose another --output_path or remove it")
     rest = _without(argv, ("--output_path", "-o"))
     runs = {}
     for name, extra in (("base", ["--model_args", "mc=base"]), ("mc", [])):
         _lm_eval([*rest, *extra, "--output_path", str(root / name)])
         runs[name] = newest_results(root / name)
     table = compare_table(runs["base"], runs["mc"])
-    (root / "compare.md").write_text(table + "\n")
+    from mc_retrofit.files import atomic_file
+
+    with atomic_file(table_path) as tmp:
+        tmp.write_text(table + "\n")
     print(table)
-    print(f"wrote {root / 'compare.md'} (lm-eval results: {root / 'base'}, {root / 'mc'})")
+    print(f"wrote {table_path} (lm-eval results: {root / 'base'}, {root / 'mc'})")
 
 
 def _without(argv: list[str], flags: tuple[str, ...]) -> list[str]:

@@ -176,6 +176,9 @@ def test_cli_compare_runs_lm_eval_twice_and_writes_one_table(ckpt, tmp_path, mon
     assert base["config"]["model_args"]["mc"] == "base" and "mc" not in mc["config"]["model_args"]
     b, m = base["results"]["mc_rolling"]["bits_per_byte,none"], mc["results"]["mc_rolling"]["bits_per_byte,none"]
     assert f"{m - b:+.4f}" in table
+    again = CliRunner().invoke(main, ["lm-eval", "--compare", "--model", "mc-retrofit", "--output_path", str(out)])
+    assert again.exit_code == 1 and "compare.md exists" in again.output  # never replaced, nothing run
+    assert (out / "compare.md").read_text() == table
 
 
 def _generate(lm, prompts):
