@@ -39,6 +39,8 @@ MODELS = [
     ("GLA 1.3B", "gla-1.3B-100B"),
     ("Gated DeltaNet 1.3B", "gated_deltanet-1.3B"),
     ("Qwen3-Next-80B-A3B (GDN layers)", "qwen3-next-80b-a3b"),
+    ("Jamba v0.1 52B (Mamba layers)", "jamba-v0.1"),
+    ("Kimi-Linear-48B-A3B (KDA layers)", "kimi-linear-48b-a3b"),
 ]
 
 

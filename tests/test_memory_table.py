@@ -22,6 +22,7 @@ import memory_table  # noqa: E402
 CONFIGS = ROOT / "tests" / "published_configs"
 F32 = 4
 SEGMENT = 256
+HYBRIDS = {"qwen3_next", "jamba", "kimi_linear"}  # recurrent layers are not 0..n-1
 
 
 def raw(stem: str) -> dict:
@@ -52,6 +53,14 @@ def by_hand(c: dict) -> tuple[int, int, int]:
         layers = sum(1 for i in range(n) if (i + 1) % every)
         h, k, v = c["linear_num_value_heads"], c["linear_key_head_dim"], c["linear_value_head_dim"]
         return layers, h * k * v * F32, h * k * F32
+    if t == "jamba":  # Mamba-1 layers only: [expand * hidden, d_state], one "head"; attention every period
+        layers = sum(1 for i in range(n) if i % c["attn_layer_period"] != c["attn_layer_offset"])
+        return layers, c["mamba_expand"] * d * c["mamba_d_state"] * F32, c["mamba_d_state"] * F32
+    if t == "kimi_linear":  # KDA layers only (listed from 1 in linear_attn_config): [H, K, V], K = V = head_dim
+        la = c["linear_attn_config"]
+        assert sorted(la["kda_layers"] + la["full_attn_layers"]) == list(range(1, n + 1))
+        h, k = la["num_heads"], la["head_dim"]
+        return len(la["kda_layers"]), h * k * k * F32, h * k * F32
     raise AssertionError(f"no hand formula for {t}")
 
 
@@ -76,7 +85,7 @@ def test_describe_equals_the_hand_computation(rows, stem):
     d = rows[stem]
     layers, state, summary = by_hand(raw(stem))
     assert (d.num_layers, d.state_bytes, d.summary_bytes) == (layers, state, summary)
-    assert d.mc_layers == list(range(layers)) or d.family == "qwen3_next"
+    assert d.mc_layers == list(range(layers)) or d.family in HYBRIDS
     segment = (state + summary) * layers
     assert d.segment_bytes == segment
     for tokens in (32 * 1024, 128 * 1024):
@@ -98,6 +107,11 @@ def test_the_cut_config_costs_what_the_full_model_does(rows, stem):
 def test_a_hybrid_counts_only_its_recurrent_layers(rows):
     d = rows["qwen3-next-80b-a3b"]
     assert len(d.mc_layers) == 36 and not {3, 7, 47} & set(d.mc_layers) and {0, 1, 2, 46} <= set(d.mc_layers)
+    # Jamba: attention at 4, 12, 20, 28 (offset 4, period 8); Kimi: the 1-based full-attention list, 0-based
+    assert rows["jamba-v0.1"].mc_layers == [i for i in range(32) if i not in (4, 12, 20, 28)]
+    full = {i - 1 for i in raw("kimi-linear-48b-a3b")["linear_attn_config"]["full_attn_layers"]}
+    assert rows["kimi-linear-48b-a3b"].mc_layers == [i for i in range(27) if i not in full]
+    assert 26 not in rows["kimi-linear-48b-a3b"].mc_layers and {0, 1, 2, 25} <= set(rows["kimi-linear-48b-a3b"].mc_layers)
 
 
 def test_published_sizes_match_the_brief():
