@@ -43,6 +43,7 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=30)
     ap.add_argument("--out", default="recipes/studies/results/pilot-lowrank-mix")
     ap.add_argument("--model", default="builtin:mamba2-byte-v2", help="a byte-level checkpoint (context 512)")
+    ap.add_argument("--online-bias", type=float, default=0.0, help="the online memory's gate logit bias (fixed)")
     a = ap.parse_args()
     cpu_numerics()
     torch.set_num_threads(1)
@@ -53,11 +54,11 @@ def main() -> None:
     base = mc_retrofit.load_base(a.model)
     model = mc_retrofit.convert(mc_retrofit.load_base(a.model),
                                 MCConfig(segment_size=256, aggregation="gated", gate_source="lowrank",
-                                         gate_rank=a.rank, cache_weight=0.0))
+                                         gate_rank=a.rank, cache_weight=0.0, online_bias=a.online_bias))
     n_gate = sum(p.numel() for _, p in gate_parameters(model))
     n_all = sum(p.numel() for p in model.parameters())
     finetune(model, rows, steps=a.steps, seq_len=2048, batch=4, lr=a.lr, warmup=10, eval_every=0, progress=True)
-    out = {"model": a.model, "rank": a.rank, "steps": a.steps, "lr": a.lr, "rows": a.rows,
+    out = {"model": a.model, "online_bias": a.online_bias, "rank": a.rank, "steps": a.steps, "lr": a.lr, "rows": a.rows,
            "gate_parameters": n_gate, "share_of_model": n_gate / n_all, "tune_seconds": round(time.time() - t0)}
     windows = torch.tensor(list(emma[200000:200000 + 8 * 2049])).view(8, 2049)
     for name, m in (("base", base), ("tuned", model)):
@@ -72,7 +73,8 @@ def main() -> None:
             print(f"{name} pass key @{L}: {ci}", flush=True)
     Path(a.out).mkdir(parents=True, exist_ok=True)
     tag = "" if a.model == "builtin:mamba2-byte-v2" else Path(a.model.replace("builtin:", "")).name + "-"
-    path = Path(a.out) / f"result-{tag}r{a.rank}-s{a.steps}.json"
+    bias = f"-bias{a.online_bias:g}" if a.online_bias else ""
+    path = Path(a.out) / f"result-{tag}r{a.rank}-s{a.steps}{bias}.json"
     path.write_text(json.dumps(out, indent=1) + "\n")
     print(f"wrote {path}")
 
