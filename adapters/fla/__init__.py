@@ -248,6 +248,10 @@ class FlaAdapter(Adapter):
     layer_class: str = ""
     model_class_name: str = ""
     ops: dict[str, OpSpec] = {}
+    # fla's layers honour a left-padded attention_mask (packed with cu_seqlens, or pads zeroed
+    # as RWKV-6/7 do), and the op wrapper unpacks packed calls into rows (PackedFlaRecurrence):
+    # every fla family takes left padding (tests/adapters/test_fla_padding.py)
+    supports_padding = True
 
     def model_class(self):
         import_fla()

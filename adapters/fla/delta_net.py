@@ -28,7 +28,6 @@ _SPEC = OpSpec(time_args=("q", "k", "v", "beta"), query=lambda a: _normed(a, "q"
 
 class DeltaNetAdapter(FlaAdapter):
     family = "delta_net"
-    supports_padding = True  # its fla layer honours a left-padded attention_mask (tests/adapters/test_fla_padding.py)
     model_types = ("delta_net",)
     description = "query l2norm(q_t); key summary mean l2norm(k_t); read K^-1/2 q_t^T S_i before the output norm"
     layer_module = "fla.layers.delta_net"

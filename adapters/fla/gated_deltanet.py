@@ -46,7 +46,6 @@ GDN_SPEC = gdn_spec()
 
 class GatedDeltaNetAdapter(FlaAdapter):
     family = "gated_deltanet"
-    supports_padding = True  # its fla layer honours a left-padded attention_mask (tests/adapters/test_fla_padding.py)
     model_types = ("gated_deltanet",)
     description = "query l2norm(q_t) per value group; key summary mean l2norm(k_t); read K^-1/2 S_i q_t (V-first)"
     layer_module = "fla.layers.gated_deltanet"

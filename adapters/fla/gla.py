@@ -27,7 +27,6 @@ def _spec(gate):
 
 class GLAAdapter(FlaAdapter):
     family = "gla"
-    supports_padding = True  # its fla layer honours a left-padded attention_mask (tests/adapters/test_fla_padding.py)
     model_types = ("gla",)
     description = "query q_t; key summary mean k_t; read K^-1/2 S_i q_t (V-first) before the output norm and gate"
     layer_module = "fla.layers.gla"

@@ -32,7 +32,6 @@ _SPEC = OpSpec(time_args=("q", "k", "v"), query=lambda a: a["q"], keys=lambda a:
 
 class RetNetAdapter(FlaAdapter):
     family = "retnet"
-    supports_padding = True  # its fla layer honours a left-padded attention_mask (tests/adapters/test_fla_padding.py)
     model_types = ("retnet",)
     description = "query RoPE(q_t); key summary mean RoPE(k_t); read K^-1/2 q_t^T S_i before the group norm"
     layer_module = "fla.layers.multiscale_retention"

@@ -25,7 +25,6 @@ _SPEC = OpSpec(time_args=("r", "k", "v", "w"), query=lambda a: a["r"], keys=lamb
 
 class Rwkv6Adapter(FlaAdapter):
     family = "rwkv6"
-    supports_padding = True  # its fla layer honours a left-padded attention_mask (tests/adapters/test_fla_padding.py)
     model_types = ("rwkv6",)
     description = "query r_t; key summary mean k_t; read r_t^T S_i (no bonus) before GroupNorm"
     layer_module = "fla.layers.rwkv6"

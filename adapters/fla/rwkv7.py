@@ -25,7 +25,6 @@ _COMMON = dict(query=lambda a: a["r"], keys=lambda a: a["k"], scale=lambda a: 1.
 
 class Rwkv7Adapter(FlaAdapter):
     family = "rwkv7"
-    supports_padding = True  # its fla layer honours a left-padded attention_mask (tests/adapters/test_fla_padding.py)
     model_types = ("rwkv7",)
     description = "query r_t; key summary mean k_t; read r_t^T S_i before GroupNorm and the output correction"
     layer_module = "fla.layers.rwkv7"

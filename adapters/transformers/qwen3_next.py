@@ -52,7 +52,6 @@ class GdnHybridAdapter(FlaAdapter):
     op_names: tuple[str, ...] = OPS
     spec = GDN_HYBRID_SPEC
     cpu_ref = staticmethod(_gdn_cpu_ref)
-    supports_padding = True
     # config fields of one layer's state: value heads, key width, value width
     dims = ("linear_num_value_heads", "linear_key_head_dim", "linear_value_head_dim")
     mixer_dims = ("num_v_heads", "head_k_dim", "head_v_dim")

@@ -20,7 +20,6 @@ segment caches within it), ``generate_until`` through ``generate`` and its strea
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import torch
 
@@ -106,34 +105,18 @@ def _mc_config(args: dict, given: dict):
     return build_config(config_file=args.get("mc_config"), layers=layers, **values)
 
 
-def load_tokenizer(source, spec: str | None, vocab_size: int):
-    """The tokenizer lm-eval encodes with: ``spec`` (folder or Hub id), else the checkpoint's own."""
-    from transformers import AutoTokenizer
+def load_tokenizer(source, spec: str | None, vocab_size: int, cache_dir: str | None = None):
+    """The tokenizer lm-eval encodes with, found as every command finds one
+    (:func:`mc_retrofit.data.codec.codec_for`: ``spec``, else the checkpoint's own files, else
+    the one its format names); lm-eval's tasks are text, so bytes are no answer here."""
+    from mc_retrofit.data.codec import codec_for, has_tokenizer_files
 
-    from mc_retrofit.eval.text import TOKENIZER_FILES
-
-    where = spec
-    if where is None:
-        folder = source.checkpoint.source_dir
-        if folder is not None and any((folder / f).is_file() for f in TOKENIZER_FILES):
-            where = str(folder)
-        else:  # the tokenizer a checkpoint's format names (mamba_ssm: gpt-neox-20b's)
-            where = getattr(source.checkpoint, "tokenizer_hint", None)
-    if where is not None and not Path(where).exists():
-        from mc_retrofit.hub import resolve_tokenizer
-
-        where = str(resolve_tokenizer(where))
-    if where is None:
+    folder = source.checkpoint.source_dir
+    hint = getattr(source.checkpoint, "tokenizer_hint", None)
+    if spec is None and hint is None and not has_tokenizer_files(folder):
         raise MCError(f"{source.spec} ships no tokenizer, and lm-eval's tasks are text: give tokenizer=PATH "
                       f"(a byte-level model needs a tokenizer that maps text to its {vocab_size} ids)")
-    try:
-        tok = AutoTokenizer.from_pretrained(where)  # never trust_remote_code
-    except Exception as e:  # noqa: BLE001
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise MCError(f"could not load a tokenizer from {where}: {first}") from None
-    if len(tok) > vocab_size:
-        raise MCError(f"the tokenizer at {where} has {len(tok)} tokens but the model's vocabulary has {vocab_size}: "
-                      "they do not belong together")
+    tok = codec_for(folder, vocab_size, spec, hint=hint, cache_dir=cache_dir).tokenizer
     if tok.pad_token_id is None:  # lm-eval pads batches; the pad id is never scored
         tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.convert_ids_to_tokens(0)
     return tok
@@ -157,7 +140,7 @@ class MCLM(HFLM):
         if not isinstance(pretrained, str):
             raise MCError("pretrained takes a path, builtin:NAME or Hub id")
         model, source, self.mc_kind = build_model(pretrained, kwargs)
-        tokenizer = load_tokenizer(source, kwargs.get("tokenizer"), model.config.vocab_size)
+        tokenizer = load_tokenizer(source, kwargs.get("tokenizer"), model.config.vocab_size, kwargs.get("cache_dir"))
         from mc_retrofit.adapters import adapter_for
 
         self.supports_padding = adapter_for(model.config).supports_padding or self.mc_kind == "base"
