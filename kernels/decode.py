@@ -18,13 +18,14 @@ import torch
 import triton
 import triton.language as tl
 
+from .readout_op import per_head
+
 
 @triton.jit
 def decode_weights_kernel(
-    u_ptr, p_ptr, op_ptr, nv_ptr, gs_ptr, w_ptr, w0_ptr,
+    u_ptr, p_ptr, op_ptr, nv_ptr, gs_ptr, ob_ptr, w_ptr, w0_ptr,
     N, H, U,
     su_b, su_h, su_u, sp_b, sp_n, sp_h, sp_u, sop_b, sop_h, sop_u,
-    online_bias,
     AGG: tl.constexpr, TOP_K: tl.constexpr, TKP: tl.constexpr, BN: tl.constexpr, BU: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -43,7 +44,7 @@ def decode_weights_kernel(
         g = tl.load(gs_ptr + h).to(tl.float32)
         u = tl.load(u_ptr + b * su_b + h * su_h + offs_u * su_u, mask=mask_u, other=0.0).to(tl.float32)
         opool = tl.load(op_ptr + b * sop_b + h * sop_h + offs_u * sop_u, mask=mask_u, other=0.0).to(tl.float32)
-        l0 = tl.sum(u * opool, 0) * g + online_bias
+        l0 = tl.sum(u * opool, 0) * g + tl.load(ob_ptr + h).to(tl.float32)  # per-head online bias
         thr = float("-inf")
         if AGG == 2:
             col = tl.arange(0, TKP)
@@ -142,7 +143,8 @@ def decode_combine_kernel(
 
 def readout_decode(q, states, online, u, pooled, online_pool, n_visible, *, agg, top_k, scale, gate_scale, mix,
                    online_bias=0.0, layout="kv", split: int | None = None):
-    """One token (T == 1): inputs as ``readout_triton`` (already checked); returns ``[B,1,H,V]``."""
+    """One token (T == 1): inputs as ``readout_triton`` (already checked; ``online_bias`` a
+    float or ``[H]``); returns ``[B,1,H,V]``."""
     B, T, Hq, K = q.shape
     H, V = online.shape[2:]
     N = states.shape[1]
@@ -153,11 +155,10 @@ def readout_decode(q, states, online, u, pooled, online_pool, n_visible, *, agg,
     w0 = torch.empty(B * H, device=dev, dtype=torch.float32)
     BU = max(16, triton.next_power_of_2(U))
     decode_weights_kernel[(B * H,)](
-        u, pooled, online_pool, n_visible, gate_scale, w, w0,
+        u, pooled, online_pool, n_visible, gate_scale, per_head(online_bias, H, dev), w, w0,
         N, H, U,
         u.stride(0), u.stride(2), u.stride(3), *pooled.stride(), online_pool.stride(0), online_pool.stride(2),
         online_pool.stride(3),
-        float(online_bias),
         AGG=agg, TOP_K=int(top_k), TKP=max(2, triton.next_power_of_2(max(1, top_k))), BN=16 if agg else 64, BU=BU,
     )
     if split is None:

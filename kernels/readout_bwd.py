@@ -8,12 +8,13 @@ With ``w`` the softmax weights over {online} + kept segments, ``r_i = scale q S_
     dq   = scale sum_i w_i S_i dagg  dS_i  = scale sum_t w_ti q_t dagg_t^T
     du   = g (dl_0 op + sum_i dl_i P_i)   dP_i = g sum_t dl_ti u_t   dop = g dl_0 u
     dg   = dl_0 <u, op> + sum_i dl_i <u, P_i>                     da = <dy, agg - o>
+    db   = dl_0   (b the online bias, in the online logit l_0 = g <u, op> + b)
 
 Residual has w = 1 and no gate terms. SSC's selection is piecewise constant: gradients
 flow through the kept segments only. Two kernels, so that nothing needs atomics:
 
-- ``token`` kernel, one program per (token block, batch*head): dq, do, du, dop and a
-  per-block partial of dg (summed over blocks by the caller);
+- ``token`` kernel, one program per (token block, batch*head): dq, do, du, dop and
+  per-block partials of dg and db (summed over blocks and batch by the caller);
 - ``state`` kernel, one program per (cached segment, batch*head): loops over the token
   blocks that can see the segment and accumulates dS_i and dP_i.
 Both keep the whole value width in one tile (dl_i needs <dagg, r_i> over all of V).
@@ -40,9 +41,9 @@ def _weights(nvis, mask_t, i, li, lse, thr, AGG: tl.constexpr, PREFIX: tl.conste
 
 @triton.jit
 def readout_bwd_token_kernel(
-    q_ptr, s_ptr, o_ptr, u_ptr, p_ptr, op_ptr, nv_ptr, gs_ptr, mix_ptr,
+    q_ptr, s_ptr, o_ptr, u_ptr, p_ptr, op_ptr, nv_ptr, gs_ptr, mix_ptr, ob_ptr,
     dy_ptr, agg_ptr, lse_ptr, thr_ptr,
-    dq_ptr, do_ptr, du_ptr, dop_ptr, dg_ptr,
+    dq_ptr, do_ptr, du_ptr, dop_ptr, dg_ptr, db_ptr,
     T, H, G, K, V, U, NTB,
     sq_b, sq_t, sq_h, sq_k,
     ss_b, ss_n, ss_h, ss_k, ss_v,
@@ -50,7 +51,7 @@ def readout_bwd_token_kernel(
     su_b, su_t, su_h, su_u,
     sp_b, sp_n, sp_h, sp_u,
     sop_b, sop_t, sop_h, sop_u,
-    scale, online_bias,
+    scale,
     AGG: tl.constexpr, PREFIX: tl.constexpr, DOT_PREC: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BU: tl.constexpr,
 ):
@@ -105,7 +106,7 @@ def readout_bwd_token_kernel(
         agg = tl.load(agg_ptr + (pid_bh * T + offs_t[:, None]) * V + offs_v[None, :], mask=mask_tv, other=0.0)
         dsum = tl.sum(dagg * agg, 1)  # <dagg, agg>
         d0 = tl.sum(u * opool, 1)
-        w0 = tl.where(mask_t, tl.exp(d0 * g + online_bias - lse), 0.0)
+        w0 = tl.where(mask_t, tl.exp(d0 * g + tl.load(ob_ptr + h).to(tl.float32) - lse), 0.0)
         du = tl.zeros([BT, BU], dtype=tl.float32)
         dgacc = tl.zeros([BT], dtype=tl.float32)
         p_base = p_ptr + b * sp_b + h * sp_h
@@ -130,6 +131,7 @@ def readout_bwd_token_kernel(
         tl.store(du_ptr + offs_tu, du, mask=mask_tu)
         tl.store(dop_ptr + offs_tu, dop, mask=mask_tu)
         tl.store(dg_ptr + pid_bh * NTB + pid_t, tl.sum(tl.where(mask_t, dgacc, 0.0), 0))
+        tl.store(db_ptr + pid_bh * NTB + pid_t, tl.sum(tl.where(mask_t, dl0, 0.0), 0))  # dl0/db = 1
 
     dq = dq * scale
     tl.store(dq_ptr + ((b * T + offs_t[:, None]) * H + h) * K + offs_k[None, :], dq,

@@ -42,7 +42,7 @@ def _gate_logit(u_blk, p_ptr, offs_u, mask_u, g):
 
 @triton.jit
 def readout_fwd_kernel(
-    q_ptr, s_ptr, o_ptr, u_ptr, p_ptr, op_ptr, nv_ptr, gs_ptr, mix_ptr,
+    q_ptr, s_ptr, o_ptr, u_ptr, p_ptr, op_ptr, nv_ptr, gs_ptr, mix_ptr, ob_ptr,
     y_ptr, agg_ptr, lse_ptr, thr_ptr,
     T, H, G, K, V, U,
     sq_b, sq_t, sq_h, sq_k,
@@ -52,7 +52,7 @@ def readout_fwd_kernel(
     sp_b, sp_n, sp_h, sp_u,
     sop_b, sop_t, sop_h, sop_u,
     sy_b, sy_t, sy_h, sy_v,
-    scale, online_bias,
+    scale,
     AGG: tl.constexpr, TOP_K: tl.constexpr, TKP: tl.constexpr, PREFIX: tl.constexpr,
     SAVE: tl.constexpr, CAST_F32: tl.constexpr, DOT_PREC: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BU: tl.constexpr,
@@ -110,7 +110,7 @@ def readout_fwd_kernel(
                     mask=mask_t[:, None] & mask_u[None, :], other=0.0).to(tl.float32)
         opool = tl.load(op_ptr + b * sop_b + offs_t[:, None] * sop_t + h * sop_h + offs_u[None, :] * sop_u,
                         mask=mask_t[:, None] & mask_u[None, :], other=0.0).to(tl.float32)
-        l0 = tl.sum(u * opool, 1) * g + online_bias
+        l0 = tl.sum(u * opool, 1) * g + tl.load(ob_ptr + h).to(tl.float32)  # per-head online bias
         p_base = p_ptr + b * sp_b + h * sp_h
         thr = tl.full([BT], float("-inf"), tl.float32)
         if AGG == 2:

@@ -2,8 +2,9 @@
 
 ``readout_triton`` has exactly the signature of ``mc_retrofit.core.readout_reference``
 (the oracle) plus two optional knobs. Gradients flow to q, states, online, u, pooled,
-online_pool, gate_scale and mix (the parameters gate-only fine-tuning trains are mix =
-``cache_weight``, the temperature inside gate_scale and the connector producing u).
+online_pool, gate_scale, mix and online_bias (the parameters gate-only fine-tuning trains are
+mix = ``cache_weight``, the temperature inside gate_scale, ``online_bias`` and the connector
+producing u).
 
 Extensions over the reference:
 - head groups: q may have ``Hq`` heads with ``H % Hq == 0``; head h reads with query
@@ -45,7 +46,16 @@ def dot_precision(*tensors) -> str:
     return "ieee" if interpreting() else "tf32"
 
 
-def check_args(q, states, online, u, pooled, online_pool, n_visible, aggregation, top_k, gate_scale, mix, layout):
+def per_head(value, H: int, device) -> torch.Tensor:
+    """A float or ``[H]`` tensor as a contiguous fp32 ``[H]`` (the kernels load ``ptr + h``,
+    so an expanded stride-0 view would read past its one element); differentiable."""
+    t = torch.as_tensor(value, device=device)
+    t = t.float() if t.dtype != torch.float32 else t
+    return t.expand(H).contiguous() if t.dim() == 0 else t.contiguous()
+
+
+def check_args(q, states, online, u, pooled, online_pool, n_visible, aggregation, top_k, gate_scale, mix, layout,
+               online_bias=None):
     """Validate shapes; returns (B, T, H, Hq, N, K, V, U). Raises MCError (one line)."""
     if aggregation not in AGG_CODES:
         raise MCError(f"aggregation must be one of {', '.join(AGG_CODES)}, not {aggregation!r}")
@@ -80,6 +90,8 @@ def check_args(q, states, online, u, pooled, online_pool, n_visible, aggregation
         raise MCError(f"the Triton read-out supports K, V, U <= 256, got K={K}, V={V}, U={U}")
     if gate_scale.numel() != H or mix.numel() != H:
         raise MCError(f"gate_scale and mix must have one value per head ({H})")
+    if online_bias is not None and online_bias.numel() != H:
+        raise MCError(f"online_bias must be a number or have one value per head ({H}), got {online_bias.numel()}")
     return B, T, H, Hq, N, K, V, U
 
 
@@ -96,8 +108,8 @@ def _gate_tensors(q, u, pooled, online_pool, aggregation):
     return u, pooled, online_pool
 
 
-def launch_forward(q, states, online, u, pooled, online_pool, n_visible, gate_scale, mix, *, agg, top_k, scale,
-                   online_bias, layout, prefix, save):
+def launch_forward(q, states, online, u, pooled, online_pool, n_visible, gate_scale, mix, online_bias, *, agg, top_k,
+                   scale, layout, prefix, save):
     B, T, Hq, K = q.shape
     H, V = online.shape[2:]
     N = states.shape[1]
@@ -116,20 +128,20 @@ def launch_forward(q, states, online, u, pooled, online_pool, n_visible, gate_sc
     cast = q.dtype != states.dtype or q.dtype == torch.float32 or (interpreting() and q.dtype == torch.bfloat16)
     grid = (triton.cdiv(T, BT), B * H, triton.cdiv(V, BV))
     readout_fwd_kernel[grid](
-        q, states, online, u, pooled, online_pool, n_visible, gate_scale, mix,
+        q, states, online, u, pooled, online_pool, n_visible, gate_scale, mix, online_bias,
         y, agg_buf, lse, thr,
         T, H, G, K, V, U,
         *q.stride(), *_state_strides(states, layout), *online.stride(), *u.stride(), *pooled.stride(),
         *online_pool.stride(), *y.stride(),
-        float(scale), float(online_bias),
+        float(scale),
         AGG=agg, TOP_K=int(top_k), TKP=tkp, PREFIX=bool(prefix), SAVE=bool(save), CAST_F32=cast,
         DOT_PREC=dot_precision(), BT=BT, BK=_p2(K), BV=BV, BU=_p2(U),
     )
     return y, agg_buf, lse, thr
 
 
-def launch_backward(dy, q, states, online, u, pooled, online_pool, n_visible, gate_scale, mix, agg_buf, lse, thr, *,
-                    agg, scale, online_bias, layout, prefix):
+def launch_backward(dy, q, states, online, u, pooled, online_pool, n_visible, gate_scale, mix, online_bias, agg_buf,
+                    lse, thr, *, agg, scale, layout, prefix):
     B, T, Hq, K = q.shape
     H, V = online.shape[2:]
     N = states.shape[1]
@@ -144,18 +156,19 @@ def launch_backward(dy, q, states, online, u, pooled, online_pool, n_visible, ga
     dop = torch.empty(B, T, H, U, **f32) if agg else dq
     ntb = triton.cdiv(T, BT)
     dg = torch.zeros(B * H, ntb, **f32)
+    db = torch.zeros(B * H, ntb, **f32)
     ds = torch.empty(B, N, H, K, V, **f32)
     dp = torch.empty(B, N, H, U, **f32) if agg else ds
     blocks = dict(BT=BT, BK=_p2(K), BV=_p2(V), BU=_p2(U))
     sstr = _state_strides(states, layout)
     prec = dot_precision()
     readout_bwd_token_kernel[(ntb, B * H)](
-        q, states, online, u, pooled, online_pool, n_visible, gate_scale, mix,
+        q, states, online, u, pooled, online_pool, n_visible, gate_scale, mix, online_bias,
         dy, agg_buf, lse, thr,
-        dq, do, du, dop, dg,
+        dq, do, du, dop, dg, db,
         T, H, G, K, V, U, ntb,
         *q.stride(), *sstr, *online.stride(), *u.stride(), *pooled.stride(), *online_pool.stride(),
-        float(scale), float(online_bias),
+        float(scale),
         AGG=agg, PREFIX=bool(prefix), DOT_PREC=prec, **blocks,
     )
     if N > 0:
@@ -175,30 +188,33 @@ def launch_backward(dy, q, states, online, u, pooled, online_pool, n_visible, ga
     # da = <dy, agg - o> summed over batch, tokens and values
     dmix = (dy.float() * (agg_buf.permute(0, 2, 1, 3) - online.float())).sum((0, 1, 3))
     if not agg:
-        return dq, ds, do, None, None, None, None, dmix
+        return dq, ds, do, None, None, None, None, dmix, None
     dgs = dg.view(B, H, ntb).sum((0, 2))
-    return dq, ds, do, du, dp, dop, dgs, dmix
+    dob = db.view(B, H, ntb).sum((0, 2))  # d online_bias: dl0 summed over batch and tokens
+    return dq, ds, do, du, dp, dop, dgs, dmix, dob
 
 
 class _Readout(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, states, online, u, pooled, online_pool, gate_scale, mix, n_visible, opts):
+    def forward(ctx, q, states, online, u, pooled, online_pool, gate_scale, mix, online_bias, n_visible, opts):
         y, agg_buf, lse, thr = launch_forward(q, states, online, u, pooled, online_pool, n_visible, gate_scale, mix,
-                                              save=True, **opts)
-        ctx.save_for_backward(q, states, online, u, pooled, online_pool, n_visible, gate_scale, mix, agg_buf, lse, thr)
+                                              online_bias, save=True, **opts)
+        ctx.save_for_backward(q, states, online, u, pooled, online_pool, n_visible, gate_scale, mix, online_bias,
+                              agg_buf, lse, thr)
         ctx.opts = opts
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        q, states, online, u, pooled, online_pool, n_visible, gate_scale, mix, agg_buf, lse, thr = ctx.saved_tensors
+        q, states, online, u, pooled, online_pool, n_visible, gate_scale, mix, online_bias, agg_buf, lse, thr = (
+            ctx.saved_tensors)
         o = ctx.opts
-        dq, ds, do, du, dp, dop, dgs, dmix = launch_backward(
-            dy, q, states, online, u, pooled, online_pool, n_visible, gate_scale, mix, agg_buf, lse, thr,
-            agg=o["agg"], scale=o["scale"], online_bias=o["online_bias"], layout=o["layout"], prefix=o["prefix"])
+        dq, ds, do, du, dp, dop, dgs, dmix, dob = launch_backward(
+            dy, q, states, online, u, pooled, online_pool, n_visible, gate_scale, mix, online_bias, agg_buf, lse, thr,
+            agg=o["agg"], scale=o["scale"], layout=o["layout"], prefix=o["prefix"])
         cast = lambda g, like: None if g is None else g.to(like.dtype)  # noqa: E731
         return (cast(dq, q), cast(ds, states), cast(do, online), cast(du, u), cast(dp, pooled), cast(dop, online_pool),
-                cast(dgs, gate_scale), cast(dmix, mix), None, None)
+                cast(dgs, gate_scale), cast(dmix, mix), cast(dob, online_bias), None, None)
 
 
 def readout_triton(x: ReadInputs, *, residual_prefix: bool | None = None, decode: bool | None = None):
@@ -218,17 +234,18 @@ def readout_triton(x: ReadInputs, *, residual_prefix: bool | None = None, decode
         return online  # nothing cached: exactly the model's own output
     gate_scale = torch.as_tensor(gate_scale, device=q.device)
     if gate_scale.dim() == 0:
-        gate_scale = gate_scale.expand(online.shape[2])
+        gate_scale = gate_scale.expand(online.shape[2]).contiguous()  # the kernels load gs_ptr + h
     mix = torch.as_tensor(mix, device=q.device)
+    online_bias = per_head(online_bias, online.shape[2], q.device)  # a float: the same value for every head
     B, T, H, Hq, N, K, V, U = check_args(q, states, online, u, pooled, online_pool, n_visible, aggregation, top_k,
-                                         gate_scale, mix, layout)
+                                         gate_scale, mix, layout, online_bias)
     agg = AGG_CODES[aggregation]
     if agg == 2 and top_k >= N:
         agg = 1  # keeping every segment is the gated read-out
     u, pooled, online_pool = _gate_tensors(q, u, pooled, online_pool, aggregation)
     n_visible = n_visible.to(q.device)
     grad = torch.is_grad_enabled() and any(
-        t.requires_grad for t in (q, states, online, u, pooled, online_pool, gate_scale, mix))
+        t.requires_grad for t in (q, states, online, u, pooled, online_pool, gate_scale, mix, online_bias))
     if decode is None:
         decode = T == 1 and not grad
     if decode:
@@ -241,9 +258,8 @@ def readout_triton(x: ReadInputs, *, residual_prefix: bool | None = None, decode
     prefix = bool(residual_prefix) and agg == 0
     if prefix:
         states = states.float().cumsum(1)  # differentiable: dS_i = sum_{j >= i} dP_j
-    opts = dict(agg=agg, top_k=int(top_k), scale=float(scale), online_bias=float(online_bias), layout=layout,
-                prefix=prefix)
+    opts = dict(agg=agg, top_k=int(top_k), scale=float(scale), layout=layout, prefix=prefix)
     if not grad:
-        return launch_forward(q, states, online, u, pooled, online_pool, n_visible, gate_scale, mix, save=False,
-                              **opts)[0]
-    return _Readout.apply(q, states, online, u, pooled, online_pool, gate_scale, mix, n_visible, opts)
+        return launch_forward(q, states, online, u, pooled, online_pool, n_visible, gate_scale, mix, online_bias,
+                              save=False, **opts)[0]
+    return _Readout.apply(q, states, online, u, pooled, online_pool, gate_scale, mix, online_bias, n_visible, opts)

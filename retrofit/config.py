@@ -57,8 +57,9 @@ class MCConfig:
             to zero, i.e. uniform gates, and trained by ``mc-retrofit finetune``).
         gate_rank: the rank of the ``lowrank`` connector.
         temperature: gate logits are ``<u_t, pool_i> / (sqrt(d_k) * temperature)``.
-        online_bias: added to the online memory's gate logit (> 0 trusts the online
-            memory more; a training-free knob).
+        online_bias: initial per-layer, per-head value added to the online memory's gate
+            logit (> 0 trusts the online memory more; a training-free knob, and the
+            starting point of the gate's ``online_bias`` that ``finetune`` tunes).
         cache_weight: initial per-layer, per-head mix ``a`` in ``y = o + a * (agg - o)``
             where ``o`` is the model's own output and ``agg`` the aggregated read.
             ``1.0`` is Memory Caching as the paper defines it; ``0.0`` is **off**: the

@@ -14,7 +14,8 @@ its own segment began (causality).
 Gate logits (``gated`` and ``ssc``):
     cached i:  l_{t,i} = gate_scale * <u_t, pool_i>
     online:    l_{t,0} = gate_scale * <u_t, pool_t^online> + online_bias
-with ``pool_i`` the mean of segment i's keys and ``pool_t^online`` the causal running
+with ``online_bias`` one value per head (the gate's trainable ``online_bias``, or a float),
+``pool_i`` the mean of segment i's keys and ``pool_t^online`` the causal running
 mean of the keys of t's own segment so far. ``gate_scale = 1 / (sqrt(U) * temperature)``.
 
 The output mixes the aggregate into the model's own output with a per-head weight ``a``:
@@ -104,12 +105,13 @@ def gate_weights(
     aggregation: str,
     top_k: int,
     gate_scale: torch.Tensor,
-    online_bias: float = 0.0,
+    online_bias: float | torch.Tensor = 0.0,
 ) -> torch.Tensor:
     """Aggregation weights over {online, cached 0..N-1}: ``[B, T, H, 1 + N]`` (fp32).
 
     u ``[B,T,H,U]``; pooled ``[B,N,H,U]`` (or None when N = 0); online_pool ``[B,T,H,U]``;
-    n_visible ``[T]`` or, when rows differ (padded batches), ``[B, T]`` (int); gate_scale ``[H]``. Invisible or unselected segments get
+    n_visible ``[T]`` or, when rows differ (padded batches), ``[B, T]`` (int); gate_scale ``[H]``;
+    online_bias a float or ``[H]`` (the gate's trainable per-head bias). Invisible or unselected segments get
     weight exactly 0. ``residual`` gives weight 1 to the online memory and every visible
     cached segment.
     """
@@ -124,6 +126,8 @@ def gate_weights(
         return torch.cat([torch.ones(B, T, H, 1, device=device), cached], dim=-1)
     scale = gate_scale.to(device=device, dtype=torch.float32)[None, None, :]  # [1,1,H]
     uf = u.float()
+    if isinstance(online_bias, torch.Tensor):  # per head, broadcast over [B, T]; differentiable
+        online_bias = online_bias.to(device=device, dtype=torch.float32)
     l_online = (uf * online_pool.float()).sum(-1) * scale + online_bias  # [B,T,H]
     if N == 0:
         return torch.ones(B, T, H, 1, device=device)
@@ -145,7 +149,8 @@ class ReadInputs:
     q ``[B,T,H,K]`` (the read query); states ``[B,N,H,K,V]`` (layout ``kv``) or
     ``[B,N,H,V,K]`` (``vk``), or None; online ``[B,T,H,V]`` (the model's own read of its
     online memory); u, pooled, online_pool, n_visible, gate_scale as in
-    :func:`gate_weights`; mix ``[H]`` (the cache weight ``a``); scale the read's ``scale``.
+    :func:`gate_weights`; mix ``[H]`` (the cache weight ``a``); scale the read's ``scale``;
+    online_bias a float or ``[H]`` (the gate's ``online_bias``).
     """
 
     q: torch.Tensor
@@ -160,7 +165,7 @@ class ReadInputs:
     scale: float
     gate_scale: torch.Tensor
     mix: torch.Tensor
-    online_bias: float = 0.0
+    online_bias: float | torch.Tensor = 0.0
     layout: str = "kv"
 
 

@@ -28,6 +28,7 @@ class MCGate(nn.Module):
 
     cache_weight ``[H]``: mix ``a`` in ``y = o + a (agg - o)`` (0 = the base model).
     log_temperature ``[H]``: gate temperature, ``log`` so it stays positive when tuned.
+    online_bias ``[H]``: added to the online memory's gate logit (starts at ``config.online_bias``).
     connector (``gate_source='learned'``): ``W_u``, d_model -> H * U, zero-initialised.
     down, up (``gate_source='lowrank'``): ``A`` d_model -> r (small random, seeded by the layer
     index so conversion never draws from the global RNG), ``B`` r -> H * U (zero): the gate
@@ -42,6 +43,7 @@ class MCGate(nn.Module):
         self.key_dim = key_dim
         self.cache_weight = nn.Parameter(torch.full((num_heads,), float(config.cache_weight)))
         self.log_temperature = nn.Parameter(torch.full((num_heads,), math.log(config.temperature)))
+        self.online_bias = nn.Parameter(torch.full((num_heads,), float(config.online_bias)))
         self.connector = self.down = self.up = None
         if config.gate_source == "learned":
             self.connector = nn.Linear(hidden_size, num_heads * key_dim, bias=False)

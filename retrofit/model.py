@@ -473,11 +473,22 @@ def load(path: str | Path | Checkpoint, dtype: torch.dtype | None = None, *, dev
     return model
 
 
+# Gate tensors added after gate files were first written (``online_bias``, per head, was one
+# float of the mc_config before): a file without them loads with them at their config value,
+# which is what that file's model computed with.
+_LATER_GATE_TENSORS = (".mc_gate.online_bias",)
+
+
+def refused_missing_gates(names) -> list[str]:
+    """The missing gate tensors a load refuses: all but those an older file could not hold."""
+    return sorted(n for n in names if not f".{n}".endswith(_LATER_GATE_TENSORS))
+
+
 def _load_gates(model, tensors: dict[str, torch.Tensor]) -> None:
     expected = gate_state_dict(model)
-    if set(tensors) != set(expected):
-        missing = sorted(set(expected) - set(tensors))
-        extra = sorted(set(tensors) - set(expected))
+    missing = refused_missing_gates(set(expected) - set(tensors))
+    extra = sorted(set(tensors) - set(expected))
+    if missing or extra:
         raise MCError(f"gate file does not match the mc_config (missing {missing[:2]}, unexpected {extra[:2]})")
     with torch.no_grad():
         for name, value in tensors.items():
@@ -539,6 +550,7 @@ def _load_exported(ckpt: Checkpoint, dtype: torch.dtype | None = None, device=No
         missing, unexpected = load_model(model, str(path), strict=False)
     except Exception as e:  # noqa: BLE001
         raise MCError(f"could not read the tensors in {path}: {_first_line(e)} (is the file corrupted?)") from None
+    missing = refused_missing_gates(missing)  # an older file's later gate tensors keep their config value
     if missing or unexpected:
         raise MCError(f"{path} does not match its config (missing {sorted(missing)[:2]}, unexpected {sorted(unexpected)[:2]})")
     for name, value in gate_state_dict(model).items():  # refused like a converted directory's gates

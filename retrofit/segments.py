@@ -84,7 +84,7 @@ class LinearRecurrence(Recurrence):
             q=self.query[:, span.start:span.end], states=mem.states, online=span.online, u=span.u,
             pooled=mem.pooled, online_pool=span.online_pool, n_visible=span.n_visible,
             aggregation=cfg.aggregation, top_k=cfg.top_k, scale=self.scale, gate_scale=gate.gate_scale(),
-            mix=gate.cache_weight, online_bias=cfg.online_bias, layout=self.layout,
+            mix=gate.cache_weight, online_bias=gate.online_bias, layout=self.layout,
         ))
 
 

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 def aggregate(online, reads, u, pooled, online_pool, *, aggregation, top_k, temperature, online_bias, mix):
     """One token: online ``[H,V]``, reads list of ``[H,V]``, u ``[H,U]``, pooled list of
-    ``[H,U]``, online_pool ``[H,U]``, mix ``[H]``. Returns ``[H,V]``."""
+    ``[H,U]``, online_pool ``[H,U]``, mix ``[H]``, online_bias a float or ``[H]``. Returns ``[H,V]``."""
     H = online.shape[0]
     out = online.clone()
     if not reads:
@@ -24,7 +24,8 @@ def aggregate(online, reads, u, pooled, online_pool, *, aggregation, top_k, temp
             agg = online[h] + sum(r[h] for r in reads)
         else:
             s = 1.0 / (math.sqrt(u.shape[-1]) * temperature)
-            l0 = float(u[h] @ online_pool[h]) * s + online_bias
+            b = float(online_bias[h]) if isinstance(online_bias, torch.Tensor) else online_bias
+            l0 = float(u[h] @ online_pool[h]) * s + b
             li = [float(u[h] @ p[h]) * s for p in pooled]
             keep = list(range(len(reads)))
             if aggregation == "ssc":
@@ -69,7 +70,7 @@ def linear_mc(q, k, step, S0, read, C, cfg):
 
 def mc_cfg(config, gate):
     return dict(aggregation=config.aggregation, top_k=config.top_k, temperature=config.temperature,
-                online_bias=config.online_bias, mix=gate.cache_weight.detach())
+                online_bias=gate.online_bias.detach(), mix=gate.cache_weight.detach())
 
 
 # -- Mamba2 --------------------------------------------------------------------------

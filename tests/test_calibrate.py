@@ -11,6 +11,7 @@ from conftest import tiny_model
 from mc_retrofit import MCError
 from mc_retrofit.calibrate import answer_accuracy, bits_per_token, calibrate, calibrated_model
 from mc_retrofit.finetune.mix import MixBuilder
+from mc_retrofit.model import gate_modules, load, save_converted
 
 WORDS = "a quiet town by the sea where the boats come in at dawn and leave at dusk".split()
 TEXT = " ".join(random.Random(2).choice(WORDS) for _ in range(4000)).encode()
@@ -25,12 +26,17 @@ def setup():
     return base, windows, rows
 
 
-def test_calibration_honours_the_margin_and_its_selection_rule(setup):
+def test_calibration_honours_the_margin_and_its_selection_rule(setup, tmp_path):
     base, windows, rows = setup
     result = calibrate(base, windows, rows, segment_sizes=(32, 64), margin=0.05, log=lambda s: None)
     model = calibrated_model(base, result)
     bits, acc = bits_per_token(model, windows), answer_accuracy(model, *rows)  # recomputed, not from the table
     assert bits == pytest.approx(result.bits, abs=1e-6) and acc == pytest.approx(result.accuracy)
+    # the chosen online bias is the gates' parameter, and the written directory computes the same numbers
+    biases = [g.online_bias for g in gate_modules(model).values()]
+    assert biases and all(bool((b == result.config.online_bias).all()) for b in biases)
+    save_converted(model, tmp_path / "cal")
+    assert bits_per_token(load(tmp_path / "cal"), windows) == bits
     assert bits <= bits_per_token(base, windows) + 0.05 + 1e-6
     assert acc >= answer_accuracy(base, *rows)
     feasible = [r for r in result.table if r["feasible"]]

@@ -58,6 +58,36 @@ def test_gate_weights_hand_computed():
     assert w[2] == 0.0  # a segment not yet completed is never read
 
 
+def test_per_head_online_bias_hand_computed():
+    # two heads of the hand case above; head 0's bias 0.5, head 1's bias 30 (the online read only)
+    u = torch.tensor([[[[1.0, 0.0], [1.0, 0.0]]]])
+    pooled = torch.tensor([[[[2.0, 0.0], [2.0, 0.0]], [[0.0, 5.0], [0.0, 5.0]]]])  # [B=1, N=2, H=2, U=2]
+    online_pool = torch.ones(1, 1, 2, 2)
+    nv, g = torch.tensor([2]), torch.ones(2)
+    bias = torch.tensor([0.5, 30.0], requires_grad=True)
+    w = gate_weights(u, pooled, online_pool, nv, "gated", 2, g, online_bias=bias)[0, 0]
+    e = [math.exp(1.5), math.exp(2.0), math.exp(0.0)]
+    assert torch.allclose(w[0], torch.tensor(e) / sum(e))
+    assert abs(float(w[1, 0].detach()) - 1.0) < 1e-6 and float(w[1, 1:].detach().max()) < 1e-6
+    # d w_0 / d b = w_0 (1 - w_0), per head: the gradient reaches the bias tensor
+    w[:, 0].sum().backward()
+    w0 = e[0] / sum(e)
+    assert torch.allclose(bias.grad[0], torch.tensor(w0 * (1 - w0)))
+    # the float gives bit for bit what a tensor holding it on every head gives
+    flt = gate_weights(u, pooled, online_pool, nv, "ssc", 1, g, online_bias=0.5)
+    assert torch.equal(flt, gate_weights(u, pooled, online_pool, nv, "ssc", 1, g, online_bias=torch.full((2,), 0.5)))
+
+
+def test_large_online_bias_reads_the_online_memory_only():
+    x = _random_inputs(1, 6, 3, 2, 4, 3, seed=4)
+    nv = torch.tensor([0, 1, 2, 3, 3, 3])
+    y = readout_reference(ReadInputs(*x.values(), nv, aggregation="gated", top_k=2, scale=0.5,
+                                     gate_scale=torch.full((2,), 0.1), mix=torch.ones(2),
+                                     online_bias=torch.tensor([30.0, 0.0])))
+    assert torch.allclose(y[:, :, 0], x["online"][:, :, 0], atol=1e-6, rtol=0)
+    assert (y[:, 1:, 1] - x["online"][:, 1:, 1]).abs().max() > 1e-2  # head 1 still reads its cache
+
+
 def _random_inputs(B, T, N, H, K, V, seed, dtype=torch.float32):
     gen = torch.Generator().manual_seed(seed)
     r = lambda *s: torch.randn(*s, generator=gen).to(dtype)
@@ -73,11 +103,12 @@ def test_readout_matches_per_token_oracle(B, T, N, H, K, V, agg, top_k, seed, vk
     x = _random_inputs(B, T, N, H, K, V, seed)
     nv = torch.randint(0, N + 1, (T,), generator=torch.Generator().manual_seed(seed))
     gs, mix = torch.full((H,), 1 / math.sqrt(K)), torch.rand(H, generator=torch.Generator().manual_seed(seed))
+    bias = torch.arange(H) * 0.3 - 0.2  # per head, like the gate's online_bias
     states = x["states"]
     if vk and states is not None:
         states = states.transpose(-1, -2).contiguous()
     y = readout_reference(ReadInputs(x["q"], states, x["online"], x["u"], x["pooled"], x["online_pool"], nv,
-                                     aggregation=agg, top_k=top_k, scale=0.5, gate_scale=gs, mix=mix, online_bias=0.2,
+                                     aggregation=agg, top_k=top_k, scale=0.5, gate_scale=gs, mix=mix, online_bias=bias,
                                      layout="vk" if vk else "kv"))
     for b in range(B):
         for t in range(T):
@@ -85,7 +116,7 @@ def test_readout_matches_per_token_oracle(B, T, N, H, K, V, agg, top_k, seed, vk
             reads = [0.5 * torch.einsum("hk,hkv->hv", x["q"][b, t], x["states"][b, i]) for i in range(n)]
             pooled = [x["pooled"][b, i] for i in range(n)]
             want = aggregate(x["online"][b, t], reads, x["u"][b, t], pooled, x["online_pool"][b, t],
-                             aggregation=agg, top_k=top_k, temperature=1.0, online_bias=0.2, mix=mix)
+                             aggregation=agg, top_k=top_k, temperature=1.0, online_bias=bias, mix=mix)
             assert torch.allclose(y[b, t], want, atol=1e-5), (b, t)
 
 

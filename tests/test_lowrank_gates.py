@@ -29,7 +29,7 @@ def test_lowrank_starts_as_the_query_gates(family):
 def test_lowrank_parameter_count_by_hand():
     _, r = _pair("mamba2")
     # tiny mamba2: d_model 32, 4 heads of key width 8 (state_size), 2 layers, rank 3
-    per_layer = 3 * (32 + 4 * 8) + 2 * 4  # down + up + (cache_weight, log_temperature) per head
+    per_layer = 3 * (32 + 4 * 8) + 3 * 4  # down + up + (cache_weight, log_temperature, online_bias) per head
     assert sum(p.numel() for _, p in gate_parameters(r)) == 2 * per_layer
 
 

@@ -7,9 +7,11 @@ import json
 import pytest
 import torch
 from conftest import TRANSFORMERS_FAMILIES, tiny_model
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 import mc_retrofit
-from mc_retrofit import MCConfig
+from mc_retrofit import MCConfig, MCError
 from mc_retrofit.describe import describe
 from mc_retrofit.model import gate_state_dict
 
@@ -41,11 +43,51 @@ def test_save_load_and_export_roundtrip(family, gate_source, tmp_path):
     files = sorted(p.name for p in (tmp_path / "conv").iterdir())
     assert {"config.json", "model.safetensors", "mc_config.json", "mc_gates.safetensors"} <= set(files)
     loaded = mc_retrofit.load(tmp_path / "conv")
+    biases = [v for k, v in gate_state_dict(loaded).items() if k.endswith(".mc_gate.online_bias")]
+    assert biases and all(v.unique().numel() == v.numel() for v in biases)  # tuned per head, kept per head
     _same(model, loaded, x)
     mc_retrofit.export(loaded, tmp_path / "m.safetensors")
     exported = mc_retrofit.load(tmp_path / "m.safetensors")
     _same(model, exported, x)
     assert exported.mc.config == model.mc.config
+
+
+def _drop_gate_keys(path, suffix):
+    """Rewrite a safetensors file without the tensors named ``...suffix`` (metadata kept)."""
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys() if not k.endswith(suffix)}
+    assert len(tensors) < len(safe_open(str(path), framework="pt").keys())
+    save_file(tensors, str(path), metadata=meta)
+
+
+@pytest.mark.parametrize("family", ["mamba2", "rwkv4"])
+def test_files_from_before_the_per_head_online_bias_load(family, tmp_path):
+    """A gate file or exported file written before ``online_bias`` was a gate tensor (one float
+    of the mc_config) loads with the bias at its config value: the model that file computed;
+    a missing gate tensor of any other kind is still refused."""
+    model = mc_retrofit.convert(tiny_model(family), MCConfig(segment_size=5, online_bias=0.4))
+    with torch.no_grad():  # tuned gates, bias still at its config value (all the old format could hold)
+        for name, p in gate_state_dict(model).items():
+            if not name.endswith(".online_bias"):
+                p.add_(torch.randn_like(p) * 0.1)
+    x = torch.randint(0, 64, (2, 17))
+    with torch.no_grad():
+        model(x)
+    model.save_pretrained(tmp_path / "conv")
+    mc_retrofit.export(model, tmp_path / "m.safetensors")
+    _drop_gate_keys(tmp_path / "conv" / "mc_gates.safetensors", ".mc_gate.online_bias")
+    _drop_gate_keys(tmp_path / "m.safetensors", ".mc_gate.online_bias")
+    for path in (tmp_path / "conv", tmp_path / "m.safetensors"):
+        old = mc_retrofit.load(path)
+        assert all(torch.equal(v, torch.full_like(v, 0.4))
+                   for k, v in gate_state_dict(old).items() if k.endswith(".online_bias"))
+        _same(model, old, x)
+    _drop_gate_keys(tmp_path / "conv" / "mc_gates.safetensors", ".mc_gate.cache_weight")
+    _drop_gate_keys(tmp_path / "m.safetensors", ".mc_gate.cache_weight")
+    for path in (tmp_path / "conv", tmp_path / "m.safetensors"):
+        with pytest.raises(MCError, match="missing.*cache_weight"):
+            mc_retrofit.load(path)
 
 
 def test_converted_dir_keeps_original_weights(tmp_path):

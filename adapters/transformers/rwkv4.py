@@ -79,7 +79,7 @@ class _Wkv(Recurrence):
         if mem.n == 0:
             return out
         w = gate_weights(span.u, mem.pooled, span.online_pool, span.n_visible, cfg.aggregation, cfg.top_k,
-                         gate.gate_scale(), cfg.online_bias)[:, :, 0]  # [B, t, 1 + n]
+                         gate.gate_scale(), gate.online_bias)[:, :, 0]  # [B, t, 1 + n]
         cn, cd, cm = mem.states[:, :, 0], mem.states[:, :, 1], mem.states[:, :, 2]  # [B, n, C]
         # Common exponent over the online part and every cached part with non-zero weight.
         cm_b = cm[:, None].expand(-1, out.shape[1], -1, -1)  # [B, t, n, C]

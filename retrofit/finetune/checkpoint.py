@@ -97,7 +97,7 @@ def _load_checkpoint(path: Path, model, opt, sched, sampler, args: FinetuneArgs,
                      run: str, batch: int):
     """Restore everything; returns (step, this rank's carried cache or None). Every file is
     read with ``weights_only=True``: a checkpoint folder is never trusted to hold code."""
-    from ..model import check_finite_gate
+    from ..model import check_finite_gate, refused_missing_gates
 
     file = path / STATE_NAME
     try:
@@ -112,10 +112,16 @@ def _load_checkpoint(path: Path, model, opt, sched, sampler, args: FinetuneArgs,
         diff = sorted(k for k in want if state["args"].get(k) != want[k])
         raise MCError(f"checkpoint {path} was made with different settings ({', '.join(diff)}); "
                       "use the same options to resume, or drop --resume")
+    params = dict(gate_parameters(model))
+    lacking = set(params) - set(state["gates"])
+    if lacking and not refused_missing_gates(lacking) and set(state["gates"]) <= set(params):
+        # gates from before online_bias was a gate tensor: the bias was never trained and the
+        # optimizer state has no slot for it, so no resume can end where an uninterrupted run would
+        raise MCError(f"checkpoint {path} was written before the gates had a trainable online_bias (an older "
+                      "mc-retrofit) and cannot be resumed; start over with --force")
     if state.get("run") != run:
         raise MCError(f"checkpoint {path} belongs to another run (another model, MC config or training data, or an "
                       "older mc-retrofit); resume with the same ones, or start over with --force")
-    params = dict(gate_parameters(model))
     if set(state["gates"]) != set(params):
         raise MCError(f"checkpoint {path} does not match this model's gates")
     with torch.no_grad():

@@ -1,7 +1,7 @@
 """Gate-only fine-tuning: train the Memory Caching gate parameters of a converted model.
 
-Only the tensors under ``.mc_gate.`` (``cache_weight``, ``log_temperature`` and the
-optional connector ``W_u``) are trained; every original weight is frozen and stays
+Only the tensors under ``.mc_gate.`` (``cache_weight``, ``log_temperature``, ``online_bias``
+and the optional connector ``W_u``) are trained; every original weight is frozen and stays
 bit-identical. Data are the model's token ids (bytes of local ``.txt`` files for a byte-level
 model; the ids of its tokenizer for any source of :mod:`mc_retrofit.data`, tokenized once and
 cached), sampled as random windows of ``seq_len + 1`` ids from a seeded generator. The last

@@ -103,6 +103,27 @@ def test_recipes_and_variants():
         parse_variant("aggregation=nonsense")
 
 
+def test_variants_put_the_online_bias_on_the_gates_and_keep_a_tuned_one(tmp_path):
+    from mc_retrofit.eval.variants import OWN, ModelSource, Variant
+    from mc_retrofit.model import gate_state_dict
+
+    base = tiny_model("mamba2")
+    base.save_pretrained(tmp_path / "orig")
+    model = ModelSource(str(tmp_path / "orig")).build(parse_variant("name=b,online_bias=1.5,segment_size=8"))
+    biases = {k: v for k, v in gate_state_dict(model).items() if k.endswith(".online_bias")}
+    assert biases and all(bool((v == 1.5).all()) for v in biases.values())
+    tuned = mc_retrofit.convert(tiny_model("mamba2"), mc_retrofit.MCConfig(segment_size=8, online_bias=1.5))
+    with torch.no_grad():  # per-head biases, as finetune leaves them
+        for k, v in gate_state_dict(tuned).items():
+            if k.endswith(".online_bias"):
+                v.copy_(torch.arange(v.numel()) * 0.25 - 0.5)
+    tuned.save_pretrained(tmp_path / "conv")
+    source = ModelSource(str(tmp_path / "conv"))
+    own = source.build(Variant(OWN, source.own_config(), source=OWN))
+    want, got = gate_state_dict(tuned), gate_state_dict(own)
+    assert set(want) == set(got) and all(torch.equal(want[k], got[k]) for k in want)
+
+
 def test_cli_smoke_on_the_builtin_checkpoint(tmp_path):
     from conftest import shared_path
 

@@ -67,7 +67,7 @@ def test_gradient_reaches_every_gate_parameter_and_nothing_else():
     lm_loss(model, windows).backward()
     gates = gate_parameters(model)
     names = {n.rsplit(".", 1)[-1] for n, _ in gates}
-    assert {"cache_weight", "log_temperature"} <= names and any("connector" in n for n, _ in gates)
+    assert {"cache_weight", "log_temperature", "online_bias"} <= names and any("connector" in n for n, _ in gates)
     for n, p in gates:
         assert p.grad is not None and bool((p.grad != 0).any()), n
     assert all(p.grad is None for n, p in model.named_parameters() if ".mc_gate." not in f".{n}")
@@ -102,6 +102,29 @@ def test_resume_equals_uninterrupted(tmp_path):
     for k in a:
         assert torch.equal(a[k], b[k]), k
     assert any(not torch.equal(a[k], init[k]) for k in a)
+
+
+def test_checkpoint_from_before_the_online_bias_is_refused(tmp_path):
+    # an older checkpoint's gates lack online_bias and its optimizer state has no slot for it
+    _run(_converted(), out=tmp_path / "c", stop_at=2)
+    file = tmp_path / "c.checkpoint" / "state.pt"
+    state = torch.load(file, weights_only=True)
+    state["gates"] = {k: v for k, v in state["gates"].items() if not k.endswith(".mc_gate.online_bias")}
+    torch.save(state, file)
+    with pytest.raises(mr.MCError, match="online_bias.*--force"):
+        _run(_converted(), out=tmp_path / "c", resume=True)
+
+
+def test_finetune_trains_the_online_bias_and_counts_it(tmp_path):
+    model, lines = _converted(), []
+    # tiny mamba2 by hand: 2 layers of W_u (d_model 32 -> 4 heads x 8) and 3 values per head
+    n_gates = 2 * (32 * 4 * 8 + 3 * 4)
+    before = {k: v.clone() for k, v in gate_state_dict(model).items() if k.endswith(".online_bias")}
+    assert before and all(bool((v == 0).all()) for v in before.values())  # MCConfig.online_bias: the start
+    _run(model, out=tmp_path / "t", log=lines.append)
+    assert any(line.startswith(f"trainable: {n_gates} gate parameters") for line in lines)
+    tuned = gate_state_dict(mr.load(tmp_path / "t"))
+    assert any(not torch.equal(tuned[k], before[k]) for k in before)  # trained, and saved per head
 
 
 def test_resume_with_other_settings_is_refused(tmp_path):

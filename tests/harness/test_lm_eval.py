@@ -81,6 +81,13 @@ def test_mc_off_equals_lm_evals_own_hf_model_exactly(tmp_path):
     assert ours.loglikelihood(reqs, disable_tqdm=True) == theirs.loglikelihood(reqs, disable_tqdm=True)
 
 
+def test_the_online_bias_key_reaches_the_gates(ckpt):
+    from mc_retrofit.model import gate_modules
+
+    gates = gate_modules(MCLM(str(ckpt), segment_size=16, online_bias=1.5, device="cpu").model).values()
+    assert gates and all(bool((g.online_bias == 1.5).all()) for g in gates)
+
+
 def test_mc_changes_the_scores_when_caches_are_read(ckpt):
     """The MC model is really the one scored (a cached segment is read: the numbers move)."""
     base = _rolling(MCLM(str(ckpt), mc="off", device="cpu"), [TEXT[:600]])[0]

@@ -39,7 +39,7 @@ else:
 
     AGGS = ["residual", "gated", "ssc"]
     LAYOUTS = ["kv", "vk"]
-    NAMES = ["q", "states", "online", "u", "pooled", "online_pool", "gate_scale", "mix"]
+    NAMES = ["q", "states", "online", "u", "pooled", "online_pool", "gate_scale", "mix", "online_bias"]
 
     def make(B=2, T=20, H=2, K=8, V=12, U=8, N=3, seg=6, layout="kv", seed=0, dtype=torch.float32,
              state_dtype=torch.float32, Hq=None):
@@ -53,6 +53,7 @@ else:
             q=r(B, T, Hq, K, dt=dtype), states=r(*shape_s, dt=state_dtype), online=r(B, T, H, V, dt=dtype),
             u=r(B, T, H, U, dt=dtype), pooled=r(B, N, H, U), online_pool=r(B, T, H, U),
             gate_scale=torch.rand(H, generator=g) + 0.3, mix=torch.rand(H, generator=g) * 0.5 + 0.6,
+            online_bias=torch.randn(H, generator=g) * 0.5,  # per head, like the gate's parameter
         )
         x = {k: v.to(DEVICE) for k, v in x.items()}
         nv = torch.clamp(torch.arange(T) // seg, max=N).to(DEVICE)
@@ -61,7 +62,7 @@ else:
     def call(fn, x, nv, agg, layout, top_k=2, **extra):
         return fn(ReadInputs(x["q"], x["states"], x["online"], x["u"], x["pooled"], x["online_pool"], nv,
                              aggregation=agg, top_k=top_k, scale=0.37, gate_scale=x["gate_scale"], mix=x["mix"],
-                             online_bias=0.25, layout=layout), **extra)
+                             online_bias=x["online_bias"], layout=layout), **extra)
 
     def grads(fn, x, nv, agg, layout, top_k=2, **extra):
         xs = {k: v.detach().clone().requires_grad_() for k, v in x.items()}
@@ -187,21 +188,58 @@ else:
             close(g[name], gr[name], tol=5e-5)
 
     def test_gate_only_finetuning_gradients_reach_the_gate_parameters():
-        # what `finetune` trains: mix (cache_weight), log_temperature (inside gate_scale), u's connector
+        # what `finetune` trains: mix (cache_weight), log_temperature (inside gate_scale), online_bias, u's connector
         x, nv = make(seed=2)
         log_t = torch.zeros(2, device=DEVICE, requires_grad=True)
         W = torch.randn(8, 8, device=DEVICE, requires_grad=True)
         mix = torch.full((2,), 0.5, device=DEVICE, requires_grad=True)
+        bias = torch.tensor([0.3, -0.2], device=DEVICE, requires_grad=True)
         outs = []
         for fn in (readout_triton, readout_reference):
             u = x["u"] @ W
             y = fn(ReadInputs(x["q"], x["states"], x["online"], u, x["pooled"], x["online_pool"], nv,
                               aggregation="gated", top_k=2, scale=0.37, gate_scale=1.0 / (8 ** 0.5 * log_t.exp()),
-                              mix=mix, layout="kv"))
-            outs.append(torch.autograd.grad(y.square().sum(), (log_t, W, mix)))
+                              mix=mix, online_bias=bias, layout="kv"))
+            outs.append(torch.autograd.grad(y.square().sum(), (log_t, W, mix, bias)))
         for a, b in zip(*outs):
             assert a.abs().sum() > 0
             close(a, b, tol=1e-4)
+
+    # ---- the per-head online bias ----------------------------------------------------
+    @pytest.mark.parametrize("decode", [False, True])
+    @pytest.mark.parametrize("agg", ["gated", "ssc"])
+    def test_float_online_bias_is_a_uniform_per_head_bias(agg, decode):
+        # a float is expanded to [H]: bit for bit the result of a tensor holding it per head
+        x, nv = make(T=1, N=4, seed=8) if decode else make(seed=8)
+        nv = torch.tensor([4], device=DEVICE) if decode else nv
+        with torch.no_grad():
+            flt = readout_triton(ReadInputs(x["q"], x["states"], x["online"], x["u"], x["pooled"], x["online_pool"],
+                                            nv, aggregation=agg, top_k=2, scale=0.37, gate_scale=x["gate_scale"],
+                                            mix=x["mix"], online_bias=0.7), decode=decode)
+            x["online_bias"] = torch.full((2,), 0.7, device=DEVICE)
+            ten = call(readout_triton, x, nv, agg, "kv", decode=decode)
+            ref = call(readout_reference, x, nv, agg, "kv")
+        assert torch.equal(flt, ten)
+        close(ten, ref)
+
+    @pytest.mark.parametrize("decode", [False, True])
+    def test_large_online_bias_reads_the_online_memory_only(decode):
+        # head 0's bias 30 puts e^-30-ish weight on every cached read: y = o + a (o - o) = o there;
+        # head 1 (bias 0) still mixes the cached reads in
+        x, nv = make(T=1, N=4, seed=9) if decode else make(seed=9)
+        nv = torch.tensor([4], device=DEVICE) if decode else nv
+        x["online_bias"] = torch.tensor([30.0, 0.0], device=DEVICE)
+        x["gate_scale"] = torch.full((2,), 0.1, device=DEVICE)  # keeps every logit |l| << 30
+        with torch.no_grad():
+            y = call(readout_triton, x, nv, "gated", "kv", decode=decode)
+        close(y[:, :, 0], x["online"][:, :, 0], tol=1e-6)
+        assert (y[:, :, 1] - x["online"][:, :, 1]).abs().max() > 1e-2
+
+    def test_online_bias_must_have_one_value_per_head():
+        x, nv = make()
+        x["online_bias"] = torch.zeros(3, device=DEVICE)
+        with pytest.raises(MCError, match="online_bias"):
+            call(readout_triton, x, nv, "gated", "kv")
 
     # ---- decode --------------------------------------------------------------------
     @pytest.mark.parametrize("layout", LAYOUTS)
@@ -221,7 +259,7 @@ else:
         x, _ = make(T=1, N=9, seed=4)
         nv = torch.tensor([9], device=DEVICE)
         y = readout_decode(x["q"], x["states"], x["online"], x["u"], x["pooled"], x["online_pool"], nv, agg=2,
-                           top_k=3, scale=0.37, gate_scale=x["gate_scale"], mix=x["mix"], online_bias=0.25,
+                           top_k=3, scale=0.37, gate_scale=x["gate_scale"], mix=x["mix"], online_bias=x["online_bias"],
                            split=split)
         close(y, call(readout_reference, x, nv, "ssc", "kv", top_k=3))
 
