@@ -53,6 +53,9 @@ FINETUNE_DEFAULTS = {"cache_weight": 0.0, "gate_source": "learned"}
                    "their answer tokens only. Tuning phrasings never match the evaluation's.")
 @click.option("--mix-rows", type=click.IntRange(min=2), default=None,
               help="Rows built for --mix (default: steps x batch, at least 64).")
+@click.option("--curriculum", type=FiniteFloat(min=0, max=1), default=0.0, show_default=True, metavar="SHARE",
+              help="With --mix: order the rows by needle-to-question distance and draw, over the first SHARE "
+                   "of the steps, from a growing prefix of them (short distances first); 0 = no curriculum.")
 @click.option("--resume", is_flag=True, help="Continue from <out>.checkpoint.")
 @click.option("--shard", type=click.Choice(["none", "fsdp"]), default="none", show_default=True,
               help="fsdp: under torchrun, shard the frozen base weights over the processes (FSDP2, per decoder "
@@ -62,7 +65,8 @@ FINETUNE_DEFAULTS = {"cache_weight": 0.0, "gate_source": "learned"}
 @load_options()
 @friendly
 def command(model_path, data, tokenizer, text_field, split, max_tokens, out, steps, seq_len, lr, batch, warmup, seed,
-            eval_every, tbptt, state_passing, grad_checkpointing, mix, mix_rows, resume, shard, force, load, **mc):
+            eval_every, tbptt, state_passing, grad_checkpointing, mix, mix_rows, curriculum, resume, shard, force, load,
+            **mc):
     """Train only the Memory Caching gates of MODEL (original checkpoint or converted dir) on --data.
 
     \b
@@ -91,8 +95,8 @@ def command(model_path, data, tokenizer, text_field, split, max_tokens, out, ste
         parse_mix(mix)  # an unknown item or shares that do not sum to 1: before any loading
         if state_passing:
             raise MCError("--mix builds independent rows; it cannot be combined with --state-passing")
-    elif mix_rows is not None:
-        raise MCError("--mix-rows has no effect without --mix; drop it")
+    elif mix_rows is not None or curriculum:
+        raise MCError(f"{'--mix-rows' if mix_rows is not None else '--curriculum'} has no effect without --mix; drop it")
     ckpt = load.open(model_path)  # configs only
     # the model's own ids: its tokenizer (or --tokenizer), bytes only for a byte-level model
     codec = codec_for(ckpt.source_dir, ckpt.hf_config.vocab_size, tokenizer, cache_dir=load.cache_dir,
@@ -118,12 +122,14 @@ def command(model_path, data, tokenizer, text_field, split, max_tokens, out, ste
 
         n_rows = mix_rows or max(64, steps * batch)
         rows = MixBuilder(stream.text, seq_len, mix, vocab_size=model.config.vocab_size, where=str(data),
-                          encode=None if codec.byte_level else codec.encode).tensors(n_rows, seed=seed)
+                          encode=None if codec.byte_level else codec.encode).tensors(n_rows, seed=seed,
+                                                                                     curriculum=curriculum > 0)
         click.echo(f"--mix: {n_rows} rows of {seq_len} tokens ({mix})")
     torch.manual_seed(seed)
     result = finetune(model, rows if mix is not None else stream, steps=steps, seq_len=seq_len, lr=lr, batch=batch,
                       warmup=warmup, seed=seed, out=out, eval_every=eval_every, resume=resume, force=force, tbptt=tbptt,
-                      state_passing=state_passing, grad_checkpointing=grad_checkpointing, shard=shard, log=click.echo)
+                      state_passing=state_passing, grad_checkpointing=grad_checkpointing, shard=shard,
+                      curriculum=curriculum, log=click.echo)
     if not is_main_process():  # another process of a torchrun run: rank 0 reports
         return
     click.echo(f"finetuned {model_path} for {result['step']} steps: train loss {result['train_loss']:.4f}, "

@@ -39,6 +39,7 @@ class FinetuneArgs:
     tbptt: int | None = None
     state_passing: float = 0.0
     grad_checkpointing: bool = False
+    curriculum: float = 0.0
 
 
 def checkpoint_dir(out: str | Path) -> Path:

@@ -4,6 +4,8 @@ source otherwise), a held-out tail, and the window sampler (random windows, or
 continuations of the previous step's windows when state passing is on)."""
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -203,16 +205,33 @@ def split_rows(rows: torch.Tensor, seq_len: int, heldout_share: float) -> tuple[
 
 class RowSampler:
     """:class:`WindowSampler` for whole pre-tokenised sequences: each step draws ``batch``
-    rows (never a continuation: sequences are independent)."""
+    rows (never a continuation: sequences are independent).
 
-    def __init__(self, rows: torch.Tensor, batch: int, gen: torch.Generator):
-        self.rows, self.batch, self.gen = rows, batch, gen
+    ``grow`` > 0 is a curriculum over rows stored easiest first (``MixBuilder(...,
+    curriculum=True)``: shortest needle-to-question distance first): step ``s`` (from 0)
+    draws from the first :meth:`pool` rows, a prefix that grows linearly to all of them by
+    step ``grow``. The step is part of the state, so a resumed run draws what an
+    uninterrupted one would."""
+
+    def __init__(self, rows: torch.Tensor, batch: int, gen: torch.Generator, grow: int = 0):
+        self.rows, self.batch, self.gen, self.grow = rows, batch, gen, int(grow)
+        self.step = 0
+
+    def pool(self, step: int) -> int:
+        """Rows step ``step`` draws from: all, or the curriculum's prefix (never fewer than a batch)."""
+        n = self.rows.shape[0]
+        if self.grow <= 0 or step + 1 >= self.grow:
+            return n
+        return min(n, max(self.batch, math.ceil(n * (step + 1) / self.grow)))
 
     def next(self) -> tuple[torch.Tensor, bool]:
-        return self.rows[torch.randint(0, self.rows.shape[0], (self.batch,), generator=self.gen)], False
+        n = self.pool(self.step)
+        self.step += 1
+        return self.rows[torch.randint(0, n, (self.batch,), generator=self.gen)], False
 
     def state_dict(self) -> dict:
-        return {"generator": self.gen.get_state(), "starts": None}
+        return {"generator": self.gen.get_state(), "starts": None, "step": self.step}
 
     def load_state_dict(self, state: dict) -> None:
         self.gen.set_state(state["generator"])
+        self.step = int(state.get("step", 0))

@@ -165,7 +165,8 @@ def finetune(model, texts_or_dataset, *, steps: int = 200, seq_len: int = 2048, 
              stop_at: int | None = None, weight_decay: float = 0.0, heldout_share: float = 0.05,
              tbptt: int | None = None, state_passing: float = 0.0, grad_checkpointing: bool = False,
              shard: str | None = None, tokenizer=None, text_field: str = "text", split: str | None = None,
-             max_tokens: int | None = None, log: Callable[[str], None] = print, progress: bool = True) -> dict:
+             max_tokens: int | None = None, curriculum: float = 0.0, log: Callable[[str], None] = print,
+             progress: bool = True) -> dict:
     """Train only the MC gate parameters of the converted ``model`` (in place) on
     ``texts_or_dataset``: text (random windows of the model's ids: ``.txt`` bytes for a
     byte-level model, see :func:`read_texts`; the ids of its tokenizer, or of ``tokenizer``,
@@ -191,6 +192,10 @@ def finetune(model, texts_or_dataset, *, steps: int = 200, seq_len: int = 2048, 
     step continues the previous step's streams from their final state (along a continued
     stream the MC memory keeps growing; ``max_cached_segments`` caps it).
     ``grad_checkpointing``: recompute each layer in the backward (whole windows only).
+    ``curriculum``: for token sequences stored easiest first (``MixBuilder(...,
+    curriculum=True)``), the share of the steps over which the rows drawn from grow from the
+    easiest to all of them (:class:`~mc_retrofit.finetune.data.RowSampler`); 0: no curriculum.
+    The held-out rows are the last ones, so with a curriculum they are the hardest.
     Under ``torchrun`` (``WORLD_SIZE > 1``) ``batch`` is the global batch, split evenly over
     the processes; rank 0 logs and writes. ``shard="fsdp"`` (several processes only): the
     base weights are sharded over them with FSDP2 (``mc_retrofit.distributed``), for a model
@@ -213,8 +218,10 @@ def finetune(model, texts_or_dataset, *, steps: int = 200, seq_len: int = 2048, 
                 raise MCError(f"a checkpoint exists at {ckpt_path}: pass --resume to continue it or --force to start over")
             check_target(ckpt_path, True, kind="checkpoint")  # starting over replaces only an mc-retrofit checkpoint
     tbptt = None if tbptt is None or int(tbptt) >= seq_len else int(tbptt)  # seq_len: the plain run
+    if not (math.isfinite(float(curriculum)) and 0.0 <= float(curriculum) <= 1.0):
+        raise MCError(f"--curriculum is a share of the steps in [0, 1], not {curriculum}")
     args = FinetuneArgs(steps, seq_len, float(lr), batch, warmup, seed, float(weight_decay), float(heldout_share),
-                        tbptt, float(state_passing), bool(grad_checkpointing))
+                        tbptt, float(state_passing), bool(grad_checkpointing), float(curriculum))
     if isinstance(texts_or_dataset, (tuple, list)) and len(texts_or_dataset) == 2 \
             and all(isinstance(t, torch.Tensor) for t in texts_or_dataset):
         texts_or_dataset = labelled_rows(*texts_or_dataset)
@@ -223,6 +230,8 @@ def finetune(model, texts_or_dataset, *, steps: int = 200, seq_len: int = 2048, 
         if state_passing:
             raise MCError("state passing needs text streams; token sequences are independent rows")
         train, held = split_rows(texts_or_dataset, seq_len, heldout_share)
+    elif curriculum:
+        raise MCError("--curriculum orders retrieval rows (--mix); plain text windows have no order to follow")
     else:
         # the model's own codec: a model with a tokenizer never gets bytes as token ids
         codec = texts_or_dataset.codec if isinstance(texts_or_dataset, TokenStream) else model_codec(model, tokenizer)
@@ -258,7 +267,8 @@ def finetune(model, texts_or_dataset, *, steps: int = 200, seq_len: int = 2048, 
     opt = torch.optim.AdamW([p for _, p in params], lr=lr, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(warmup, steps))
     gen = torch.Generator().manual_seed(seed)
-    sampler = RowSampler(train, batch, gen) if rows else WindowSampler(train, batch, seq_len, gen, state_passing)
+    sampler = (RowSampler(train, batch, gen, grow=round(curriculum * steps)) if rows
+               else WindowSampler(train, batch, seq_len, gen, state_passing))
     held_gen = torch.Generator().manual_seed(seed + 1)  # separate: evaluation never moves the training sampler
     n_held = min(HELDOUT_WINDOWS, batch * 2)
     held_windows = (held[:n_held] if rows else sample_windows(held, n_held, seq_len, held_gen)).to(device)

@@ -124,3 +124,79 @@ def test_finetune_command_with_a_mix(tmp_path):
     for bad, needle in [("text=0.5,bogus=0.5", "unknown mix item"), ("text=0.5,passkey=0.4", "sum to 1")]:
         r = CliRunner().invoke(main, [*base, "--out", str(tmp_path / "x"), "--mix", bad])
         assert r.exit_code != 0 and needle in r.output and not (tmp_path / "x").exists()
+
+
+# -- the length curriculum ------------------------------------------------------------------------
+def test_curriculum_pool_grows_as_hand_computed_and_resumes_exactly():
+    from mc_retrofit.finetune.data import RowSampler
+
+    rows = torch.arange(100)[:, None].repeat(1, 3)  # row i holds i: the draws say which rows were read
+    s = RowSampler(rows, 4, torch.Generator().manual_seed(0), grow=10)
+    # ceil(100 * (step + 1) / 10), all rows from step 9 on
+    assert [s.pool(k) for k in (0, 1, 4, 8, 9, 50)] == [10, 20, 50, 90, 100, 100]
+    assert RowSampler(rows[:10], 4, torch.Generator(), grow=100).pool(0) == 4  # never fewer than a batch
+    assert RowSampler(rows, 4, torch.Generator(), grow=0).pool(0) == 100  # no curriculum
+    for k in range(10):
+        drawn, continued = s.next()
+        assert int(drawn.max()) < s.pool(k) and not continued
+    state = s.state_dict()
+    ahead = [s.next()[0] for _ in range(3)]
+    again = RowSampler(rows, 4, torch.Generator(), grow=10)
+    again.load_state_dict(state)
+    assert again.step == 10 and all(torch.equal(a, b) for a, b in zip(ahead, [again.next()[0] for _ in range(3)]))
+
+
+def test_finetune_curriculum_reads_the_easy_rows_first_and_refuses_bad_values(monkeypatch):
+    from mc_retrofit.finetune import loop
+    from mc_retrofit.finetune.data import RowSampler
+
+    seen: list[int] = []
+
+    class Recording(RowSampler):
+        def next(self):
+            rows, cont = super().next()
+            seen.extend(int(self.rows.tolist().index(r.tolist())) for r in rows)  # position of each drawn row
+            return rows, cont
+
+    monkeypatch.setattr(loop, "RowSampler", Recording)
+    model = mc_retrofit.convert(tiny_model("mamba2", vocab_size=256, chunk_size=16),
+                                MCConfig(segment_size=64, gate_source="lowrank", cache_weight=0.0))
+    ids, labels = MixBuilder(TEXT, 160, "text=0.5,passkey=0.5").tensors(42, seed=0, curriculum=True)
+    finetune(model, (ids, labels), steps=4, seq_len=160, batch=2, warmup=0, eval_every=0, progress=False,
+             log=lambda s: None, curriculum=1.0)
+    # 40 training rows (2 held out); pools ceil(40 * k / 4) = 10, 20, 30, 40 for steps 1..4
+    assert all(p < bound for p, bound in zip(seen, [10, 10, 20, 20, 30, 30, 40, 40]))
+    for bad in (-0.1, 1.5, float("nan")):
+        with pytest.raises(MCError, match="--curriculum"):
+            finetune(model, (ids, labels), steps=1, seq_len=160, batch=2, progress=False, curriculum=bad)
+    with pytest.raises(MCError, match="--curriculum orders retrieval rows"):
+        finetune(model, TEXT, steps=1, seq_len=160, batch=2, progress=False, curriculum=0.5)
+
+
+def test_finetune_command_curriculum(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from mc_retrofit.cli import main
+    from mc_retrofit.finetune import loop
+    from mc_retrofit.finetune.data import RowSampler
+
+    grows = []
+
+    class Recording(RowSampler):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            grows.append(self.grow)
+
+    monkeypatch.setattr(loop, "RowSampler", Recording)
+    tiny_model("mamba2", vocab_size=256, chunk_size=16).save_pretrained(tmp_path / "ckpt")
+    (tmp_path / "train.txt").write_bytes(TEXT)
+    base = ["finetune", str(tmp_path / "ckpt"), "--data", str(tmp_path / "train.txt"), "--seq-len", "256",
+            "--segment-size", "64", "--steps", "4", "--batch", "2", "--warmup", "0", "--eval-every", "0"]
+    r = CliRunner().invoke(main, [*base, "--out", str(tmp_path / "ft"), "--mix", "text=0.5,passkey=0.5",
+                                  "--mix-rows", "8", "--curriculum", "0.5"])
+    assert r.exit_code == 0, r.output
+    assert grows == [2]  # round(0.5 * 4 steps)
+    for extra, needle in [(["--curriculum", "0.5"], "no effect without --mix"),
+                          (["--mix", "text=0.5,passkey=0.5", "--curriculum", "2"], "--curriculum")]:
+        r = CliRunner().invoke(main, [*base, "--out", str(tmp_path / "x"), *extra])
+        assert r.exit_code != 0 and needle in r.output and not (tmp_path / "x").exists(), r.output
