@@ -10,11 +10,16 @@ evaluation's), it searches
    (coordinate search from the best so far; each knob over its list);
 2. then, one pass over the layers, each layer's own cache weight (0, half, the global one),
 
-keeping the candidate with the best retrieval accuracy among those whose bits per token on
-the calibration text stay within ``margin`` of the base model's. When nothing feasible
-beats the base, the result is the base itself (cache weight 0 everywhere): calibration
-never makes a model worse on what it measures. Every candidate is one row of the returned
-table (settings, bits, accuracy, feasible), for the report.
+keeping the candidate with the best retrieval among those whose bits per token on the
+calibration text stay within ``margin`` of the base model's. Retrieval is ranked by accuracy
+(every answer token right), then by the answers' mean negative log-likelihood: a few rows
+of a model that cannot yet answer them all score accuracy 0 for every candidate, and the
+likelihood still tells which setting brings the answer closer. A candidate beats the base
+when it is more accurate, or equally accurate with an answer likelihood that is better by a
+95% paired bootstrap interval over the rows (below 0 for the change in NLL). When nothing
+feasible beats the base, the result is the base itself (cache weight 0 everywhere):
+calibration never makes a model worse on what it measures. Every candidate is one row of the
+returned table (settings, bits, accuracy, answer NLL, feasible), for the report.
 """
 from __future__ import annotations
 
@@ -44,6 +49,8 @@ class Calibration:
     base_accuracy: float
     accuracy: float
     table: list[dict] = field(default_factory=list)
+    base_answer_nll: float = float("nan")  # mean answer NLL, nats per answer token
+    answer_nll: float = float("nan")
 
     @property
     def is_base(self) -> bool:
@@ -63,15 +70,23 @@ def bits_per_token(model, windows: torch.Tensor, batch: int = 4) -> float:
 
 
 @torch.no_grad()
-def answer_accuracy(model, ids: torch.Tensor, labels: torch.Tensor, batch: int = 4) -> float:
-    """Share of rows whose argmax gives every labelled (answer) token: teacher-forced greedy
-    decoding writes the answer exactly then."""
-    hits = []
+def answer_scores(model, ids: torch.Tensor, labels: torch.Tensor, batch: int = 4) -> tuple[list[bool], list[float]]:
+    """Per row: whether the argmax gives every labelled (answer) token (teacher-forced greedy
+    decoding writes the answer exactly then), and the answer's mean NLL in nats per token."""
+    hits, nll = [], []
     for i in range(0, len(ids), batch):
-        logits = model(ids[i:i + batch], use_cache=False).logits
+        logits = model(ids[i:i + batch], use_cache=False).logits.float()
         lab = labels[i:i + batch]
         ok = (logits.argmax(-1) == lab) | (lab == -100)
         hits += ok.all(1).tolist()
+        tok = F.cross_entropy(logits.transpose(1, 2), lab, ignore_index=-100, reduction="none")  # [b, L]
+        nll += (tok.sum(1) / (lab != -100).sum(1).clamp_min(1)).tolist()
+    return hits, nll
+
+
+def answer_accuracy(model, ids: torch.Tensor, labels: torch.Tensor, batch: int = 4) -> float:
+    """Share of rows whose argmax gives every labelled (answer) token."""
+    hits, _ = answer_scores(model, ids, labels, batch)
     return sum(hits) / len(hits)
 
 
@@ -98,28 +113,43 @@ def calibrate(base, text_windows: torch.Tensor, retrieval: tuple[torch.Tensor, t
         raise MCError("calibration needs text windows and retrieval rows; the calibration data is empty")
     if not (math.isfinite(margin) and margin >= 0):
         raise MCError(f"--margin must be a finite number >= 0, not {margin}")
+    from .eval.stats import paired_bootstrap
+
     base.eval()
     base_bits = bits_per_token(base, text_windows)
-    base_acc = answer_accuracy(base, *retrieval)
-    log(f"base: {base_bits:.4f} bits/token, retrieval {base_acc:.3f}")
+    base_hits, base_nll = answer_scores(base, *retrieval)
+    base_acc, base_mean_nll = sum(base_hits) / len(base_hits), sum(base_nll) / len(base_nll)
+    log(f"base: {base_bits:.4f} bits/token, retrieval {base_acc:.3f} (answer NLL {base_mean_nll:.3f})")
     table: list[dict] = []
+    row_nll: dict[int, list[float]] = {}  # id(row) -> per-row answer NLL, for the paired test against the base
 
     def score(cfg: MCConfig, weights=None) -> dict:
         model = _with(base, cfg, weights)
+        hits, nll = answer_scores(model, *retrieval)
         row = {"segment_size": cfg.segment_size, "aggregation": cfg.aggregation, "top_k": cfg.top_k,
                "cache_weight": cfg.cache_weight, "online_bias": cfg.online_bias, "temperature": cfg.temperature,
                "layer_weights": dict(weights or {}), "bits": bits_per_token(model, text_windows),
-               "accuracy": answer_accuracy(model, *retrieval)}
+               "accuracy": sum(hits) / len(hits), "answer_nll": sum(nll) / len(nll)}
         row["feasible"] = row["bits"] <= base_bits + margin
+        row_nll[id(row)] = nll
         table.append(row)
         log(f"  {_describe(row)}: {row['bits']:.4f} bits/token ({row['bits'] - base_bits:+.4f}), "
-            f"retrieval {row['accuracy']:.3f}{'' if row['feasible'] else ' (over the margin)'}")
+            f"retrieval {row['accuracy']:.3f} (answer NLL {row['answer_nll']:.3f})"
+            f"{'' if row['feasible'] else ' (over the margin)'}")
         return row
 
-    def better(a: dict, b: dict | None) -> bool:  # feasible first, then accuracy, then bits
+    def better(a: dict, b: dict | None) -> bool:  # feasible first, then accuracy, then answer NLL, then bits
         if b is None:
             return True
-        return (a["feasible"], a["accuracy"], -a["bits"]) > (b["feasible"], b["accuracy"], -b["bits"])
+        return (a["feasible"], a["accuracy"], -a["answer_nll"], -a["bits"]) > \
+            (b["feasible"], b["accuracy"], -b["answer_nll"], -b["bits"])
+
+    def beats_base(row: dict) -> bool:
+        if not row["feasible"] or row["accuracy"] < base_acc:
+            return False
+        if row["accuracy"] > base_acc:
+            return True
+        return paired_bootstrap(base_nll, row_nll[id(row)]).high < 0  # the answers' NLL fell, beyond noise
 
     start = start or MCConfig()
     best_cfg, best = None, None
@@ -149,11 +179,13 @@ def calibrate(base, text_windows: torch.Tensor, retrieval: tuple[torch.Tensor, t
             row = score(best_cfg, trial)
             if better(row, best):
                 weights, best = trial, row
-    if not best["feasible"] or best["accuracy"] <= base_acc:
+    if not beats_base(best):
         log("no setting beats the base within the margin: the calibrated model is the base (cache weight 0)")
         weights = {i: 0.0 for i in layers}
-        return Calibration(best_cfg, weights, base_bits, base_bits, base_acc, base_acc, table)
-    return Calibration(best_cfg, weights, base_bits, best["bits"], base_acc, best["accuracy"], table)
+        return Calibration(best_cfg, weights, base_bits, base_bits, base_acc, base_acc, table,
+                           base_mean_nll, base_mean_nll)
+    return Calibration(best_cfg, weights, base_bits, best["bits"], base_acc, best["accuracy"], table,
+                       base_mean_nll, best["answer_nll"])
 
 
 def _describe(row: dict) -> str:

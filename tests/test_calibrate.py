@@ -9,7 +9,8 @@ import torch
 from conftest import tiny_model
 
 from mc_retrofit import MCError
-from mc_retrofit.calibrate import answer_accuracy, bits_per_token, calibrate, calibrated_model
+from mc_retrofit.calibrate import answer_accuracy, answer_scores, bits_per_token, calibrate, calibrated_model
+from mc_retrofit.eval.stats import paired_bootstrap
 from mc_retrofit.finetune.mix import MixBuilder
 from mc_retrofit.model import gate_modules, load, save_converted
 
@@ -43,6 +44,31 @@ def test_calibration_honours_the_margin_and_its_selection_rule(setup, tmp_path):
     assert len(result.table) >= 2 * 3 + 2 + 3 + 2  # structure, then cache weight, bias, temperature
     if not result.is_base:
         assert result.accuracy == max(r["accuracy"] for r in feasible)
+        # it beat the base: more accurate, or an answer NLL lower beyond the paired interval
+        hits, nll = answer_scores(model, *rows)
+        base_hits, base_nll = answer_scores(base, *rows)
+        assert sum(nll) / len(nll) == pytest.approx(result.answer_nll, abs=1e-6)
+        assert acc > answer_accuracy(base, *rows) or paired_bootstrap(base_nll, nll).high < 0
+        best = min(r["answer_nll"] for r in feasible if r["accuracy"] == result.accuracy)
+        assert result.answer_nll == pytest.approx(best, abs=1e-9)
+
+
+def test_answer_scores_by_hand():
+    import math
+    from types import SimpleNamespace
+
+    class Fixed(torch.nn.Module):  # every position: p(token 2) = 3 / (3 + 1 + 1 + 1) = 1/2, the others 1/6
+        def forward(self, ids, use_cache=False):
+            logits = torch.zeros(ids.shape[0], ids.shape[1], 4)
+            logits[..., 2] = math.log(3.0)
+            return SimpleNamespace(logits=logits)
+
+    ids = torch.zeros(2, 3, dtype=torch.long)
+    labels = torch.tensor([[-100, 2, 2], [-100, 2, 1]])
+    hits, nll = answer_scores(Fixed(), ids, labels)
+    assert hits == [True, False]
+    assert nll == pytest.approx([math.log(2.0), (math.log(2.0) + math.log(6.0)) / 2])
+    assert answer_accuracy(Fixed(), ids, labels) == 0.5
 
 
 def test_when_nothing_helps_the_result_is_exactly_the_base(setup):

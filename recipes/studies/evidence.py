@@ -162,14 +162,18 @@ def tune_args(a) -> list[str]:
             "--batch", "4", "--warmup", "10", "--seed", "0", "--eval-every", "0", "--device", "cpu"]
 
 
-def gate_row(a, out: Path, source: str) -> tuple[object, dict]:
-    d = a.work / "models" / source
-    info = {"gate_source": source, "lr": a.lr, "steps": a.steps}
+def gate_row(a, out: Path, row: str) -> tuple[object, dict]:
+    """``SOURCE`` or ``SOURCE-biasB``: gates of that source tuned from cache weight 0 with the
+    (trainable, per-head) online bias starting at B (default 0)."""
+    source, _, bias = row.partition("-bias")
+    d = a.work / "models" / row
+    info = {"gate_source": source, "online_bias_init": float(bias or 0), "lr": a.lr, "steps": a.steps}
     if not (d / "mc_config.json").is_file():
         extra = ["--gate-rank", str(a.rank)] if source == "lowrank" else []
+        extra += ["--online-bias", bias] if bias else []
         info["tune_seconds"] = round(cli(["finetune", a.model, "--data", str(tune_dir(a.work)), "--out", str(d),
                                           "--gate-source", source, "--cache-weight", "0", "--lr", str(a.lr),
-                                          "--force"] + extra + tune_args(a), a.work / f"finetune-{source}.log"))
+                                          "--force"] + extra + tune_args(a), a.work / f"finetune-{row}.log"))
     model = mc_retrofit.load(d)
     gates = [p for n, p in model.named_parameters() if ".mc_gate." in f".{n}"]
     info["gate_parameters"] = sum(p.numel() for p in gates)
@@ -267,12 +271,17 @@ def run_row(row: str, a, out: Path, splits: Splits, base) -> None:
 
 # -- the report --------------------------------------------------------------------------------------
 def report(out: Path, ctx: int) -> None:
-    rows = {r: json.loads((out / "rows" / f"{r}.json").read_text()) for r in ROWS if (out / "rows" / f"{r}.json").is_file()}
+    written = {p.stem for p in (out / "rows").glob("*.json")}
+    order = list(ROWS) + sorted(w for w in written if _is_gate_row(w) and w not in ROWS)
+    rows = {r: json.loads((out / "rows" / f"{r}.json").read_text()) for r in order if r in written}
     if "base" not in rows:
         sys.exit("no base row yet")
     base = rows["base"]
-    label = {"base": "base", "free": "best training-free", "calibrated": "calibrated", "query": "gate-tuned, query",
-             "lowrank": "gate-tuned, lowrank", "learned": "gate-tuned, learned", "full": "full-weight tuned"}
+    label = {"base": "base", "free": "best training-free", "calibrated": "calibrated", "full": "full-weight tuned"}
+    for r in rows:
+        if _is_gate_row(r):
+            source, _, bias = r.partition("-bias")
+            label[r] = f"gate-tuned, {source}" + (f", online bias from {bias}" if bias else "")
 
     def acc(h):
         ci = wilson(sum(h), len(h))
@@ -316,6 +325,16 @@ def report(out: Path, ctx: int) -> None:
     print("\n".join(lines))
 
 
+def _is_gate_row(row: str) -> bool:
+    source, sep, bias = row.partition("-bias")
+    if source not in ("query", "lowrank", "learned"):
+        return False
+    try:
+        return not sep or math.isfinite(float(bias))
+    except ValueError:
+        return False
+
+
 def _detail(r: str, d: dict) -> str:
     i = d["info"]
     if r == "free":
@@ -350,7 +369,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="builtin:mamba2-byte-v2", help="a byte-level checkpoint")
     ap.add_argument("--ctx", type=int, default=512, help="its training context in bytes")
-    ap.add_argument("--rows", default="base", help=f"comma-separated, of {', '.join(ROWS)}")
+    ap.add_argument("--rows", default="base", help=f"comma-separated, of {', '.join(ROWS)} "
+                    "(a gate row may end in -biasB: the online bias starts at B)")
     ap.add_argument("--report", action="store_true", help="only assemble the table from the rows written")
     ap.add_argument("--out", default=None, help="default recipes/studies/results/evidence-MODEL")
     ap.add_argument("--work", type=Path, default=None,
@@ -370,7 +390,7 @@ def main() -> None:
         report(out, a.ctx)
         return
     rows = [r.strip() for r in a.rows.split(",") if r.strip()]
-    bad = [r for r in rows if r not in ROWS]
+    bad = [r for r in rows if r not in ROWS and not _is_gate_row(r)]
     if bad:
         sys.exit(f"unknown row {bad[0]!r}; rows: {', '.join(ROWS)}")
     cpu_numerics()

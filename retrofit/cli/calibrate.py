@@ -71,10 +71,12 @@ def command(model_path, data, out, seq_len, windows, rows, segment_sizes, margin
     result = calibrate(base, text_windows, retrieval, segment_sizes=sizes, margin=margin, log=click.echo)
     model = calibrated_model(base, result)
     report = {"base_bits_per_token": result.base_bits, "bits_per_token": result.bits,
-              "base_retrieval": result.base_accuracy, "retrieval": result.accuracy, "is_base": result.is_base,
+              "base_retrieval": result.base_accuracy, "retrieval": result.accuracy,
+              "base_answer_nll": result.base_answer_nll, "answer_nll": result.answer_nll, "is_base": result.is_base,
               "config": result.config.to_dict(), "layer_weights": result.layer_weights, "margin": margin,
               "windows": windows, "rows": rows, "seq_len": seq_len, "seed": seed, "candidates": result.table}
     m.save_converted(model, out, force=force, extra_files={"calibration.json": json.dumps(report, indent=1) + "\n"})
     click.echo(f"calibrated {model_path}: {result.bits:.4f} bits/token (base {result.base_bits:.4f}), retrieval "
-               f"{result.accuracy:.3f} (base {result.base_accuracy:.3f}) -> {out}")
+               f"{result.accuracy:.3f} (base {result.base_accuracy:.3f}), answer NLL {result.answer_nll:.3f} "
+               f"(base {result.base_answer_nll:.3f}) -> {out}")
 
