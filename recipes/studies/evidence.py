@@ -33,6 +33,7 @@ import json
 import math
 import os
 import random
+import re
 import subprocess
 import sys
 import time
@@ -159,18 +160,25 @@ def cli(args: list[str], logfile: Path) -> float:
 
 def tune_args(a) -> list[str]:
     return ["--mix", MIX, "--mix-rows", str(a.mix_rows), "--steps", str(a.steps), "--seq-len", str(4 * a.ctx),
-            "--batch", "4", "--warmup", "10", "--seed", "0", "--eval-every", "0", "--device", "cpu"]
+            "--batch", "4", "--warmup", "10", "--eval-every", "0", "--device", "cpu"]
+
+
+GATE_ROW = re.compile(r"^(query|lowrank|learned)(?:-ssc(\d+))?(?:-bias(-?\d+(?:\.\d+)?))?(?:-seed(\d+))?$")
 
 
 def gate_row(a, out: Path, row: str) -> tuple[object, dict]:
-    """``SOURCE`` or ``SOURCE-biasB``: gates of that source tuned from cache weight 0 with the
-    (trainable, per-head) online bias starting at B (default 0)."""
-    source, _, bias = row.partition("-bias")
+    """``SOURCE[-sscK][-biasB][-seedS]``: gates of that source tuned from cache weight 0, with
+    the gated aggregation (or SSC top-K), the (trainable, per-head) online bias starting at B
+    (default 0), rows and sampling drawn with seed S (default 0)."""
+    source, top_k, bias, seed = GATE_ROW.match(row).groups()
     d = a.work / "models" / row
-    info = {"gate_source": source, "online_bias_init": float(bias or 0), "lr": a.lr, "steps": a.steps}
+    info = {"gate_source": source, "aggregation": f"ssc-{top_k}" if top_k else "gated",
+            "online_bias_init": float(bias or 0), "seed": int(seed or 0), "lr": a.lr, "steps": a.steps}
     if not (d / "mc_config.json").is_file():
         extra = ["--gate-rank", str(a.rank)] if source == "lowrank" else []
+        extra += ["--aggregation", "ssc", "--top-k", top_k] if top_k else []
         extra += ["--online-bias", bias] if bias else []
+        extra += ["--seed", seed] if seed else []
         info["tune_seconds"] = round(cli(["finetune", a.model, "--data", str(tune_dir(a.work)), "--out", str(d),
                                           "--gate-source", source, "--cache-weight", "0", "--lr", str(a.lr),
                                           "--force"] + extra + tune_args(a), a.work / f"finetune-{row}.log"))
@@ -280,8 +288,9 @@ def report(out: Path, ctx: int) -> None:
     label = {"base": "base", "free": "best training-free", "calibrated": "calibrated", "full": "full-weight tuned"}
     for r in rows:
         if _is_gate_row(r):
-            source, _, bias = r.partition("-bias")
-            label[r] = f"gate-tuned, {source}" + (f", online bias from {bias}" if bias else "")
+            source, top_k, bias, seed = GATE_ROW.match(r).groups()
+            label[r] = f"gate-tuned, {source}" + (f", SSC top-{top_k}" if top_k else "") + \
+                (f", online bias from {bias}" if bias else "") + (f", seed {seed}" if seed else "")
 
     def acc(h):
         ci = wilson(sum(h), len(h))
@@ -326,13 +335,7 @@ def report(out: Path, ctx: int) -> None:
 
 
 def _is_gate_row(row: str) -> bool:
-    source, sep, bias = row.partition("-bias")
-    if source not in ("query", "lowrank", "learned"):
-        return False
-    try:
-        return not sep or math.isfinite(float(bias))
-    except ValueError:
-        return False
+    return GATE_ROW.match(row) is not None
 
 
 def _detail(r: str, d: dict) -> str:
@@ -370,7 +373,7 @@ def main() -> None:
     ap.add_argument("--model", default="builtin:mamba2-byte-v2", help="a byte-level checkpoint")
     ap.add_argument("--ctx", type=int, default=512, help="its training context in bytes")
     ap.add_argument("--rows", default="base", help=f"comma-separated, of {', '.join(ROWS)} "
-                    "(a gate row may end in -biasB: the online bias starts at B)")
+                    "(a gate row may add -sscK: SSC top-K instead of gated, -biasB: the online bias starts at B, -seedS: rows drawn with seed S)")
     ap.add_argument("--report", action="store_true", help="only assemble the table from the rows written")
     ap.add_argument("--out", default=None, help="default recipes/studies/results/evidence-MODEL")
     ap.add_argument("--work", type=Path, default=None,
@@ -396,6 +399,7 @@ def main() -> None:
     cpu_numerics()
     torch.set_num_threads(1)
     (out / "rows").mkdir(parents=True, exist_ok=True)
+    (a.work / "models").mkdir(parents=True, exist_ok=True)
     splits = Splits(a.ctx, a.val_prompts, a.prompts)
     base = mc_retrofit.load_base(a.model)
     for row in rows:

@@ -190,7 +190,7 @@ def test_cli_writes_a_loadable_converted_dir(base_dir, tmp_path):
     assert r.exit_code == 0, r.output
     assert "trainable:" in r.output and "finetuned" in r.output
     model = mr.load(out)
-    assert model.mc.config.gate_source == "learned" and model.mc.config.segment_size == 8
+    assert model.mc.config.gate_source == "lowrank" and model.mc.config.segment_size == 8
     weights = [v for k, v in gate_state_dict(model).items() if k.endswith("cache_weight")]
     assert weights and any(bool((w != 0).any()) for w in weights)  # started at 0 (base model), then trained
     base = tiny_model("mamba2", vocab_size=256).state_dict()
@@ -449,3 +449,17 @@ def test_the_resume_id_tells_token_streams_apart():
     held = torch.arange(10)
     assert run_id(model, args, a, held) != run_id(model, args, a - 256, held)
     assert run_id(model, args, a - 256, held) == run_id(model, args, (a - 256).clone(), held)
+
+
+@pytest.mark.parametrize("name", ["builtin:mamba2-byte", "builtin:mamba2-byte-v2"])
+def test_finetune_default_gates_are_under_one_percent_of_the_reference_checkpoints(name):
+    from mc_retrofit.cli import build_config
+    from mc_retrofit.cli.finetune import FINETUNE_DEFAULTS
+
+    model = mr.convert(mr.load_base(name), build_config(defaults=FINETUNE_DEFAULTS))
+    gates = sum(p.numel() for n, p in model.named_parameters() if ".mc_gate." in f".{n}")
+    # by hand, per layer: A [d, 2] and B [2, H * U], and cache weight, temperature, online bias per head
+    cfg = model.config
+    H, U, d = cfg.num_heads, cfg.state_size, cfg.hidden_size
+    assert gates == cfg.num_hidden_layers * (2 * (d + H * U) + 3 * H)
+    assert gates / sum(p.numel() for p in model.parameters()) < 0.01
