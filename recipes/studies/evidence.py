@@ -354,10 +354,11 @@ def _plot(rows, label, lens, ctx, path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4))
     xs = [int(m) * ctx for m in lens]
-    for r, d in rows.items():
+    for i, (r, d) in enumerate(rows.items()):
         cis = [wilson(sum(d["test"]["passkey"][m]), len(d["test"]["passkey"][m])) for m in lens]
         ax.errorbar(xs, [c.estimate for c in cis], yerr=[[c.estimate - c.low for c in cis], [c.high - c.estimate for c in cis]],
-                    marker="o", capsize=3, label=label[r])
+                    marker="o", capsize=3, label=label[r], color="black" if r == "base" else plt.cm.tab10(i % 10),
+                    ls="--" if "seed" in r else "-")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("prompt length (bytes)")
     ax.set_ylabel("pass-key accuracy (test)")
