@@ -38,6 +38,30 @@ def count_calls(monkeypatch, owner, name: str) -> list:
     return calls
 
 
+def spans(*sizes: int) -> list[tuple[int, int]]:
+    """Consecutive call spans of the given sizes from position 0: ``spans(8, 5)`` = [(0, 8), (8, 13)]."""
+    out, a = [], 0
+    for n in sizes:
+        out.append((a, a + n))
+        a += n
+    return out
+
+
+def logits_in_calls(model, x, calls, cache=None, call_kwargs=None):
+    """``x [B, T]`` run as the calls ``calls`` (``[(start, end), ...]``) through one cache with
+    ``mc_retrofit.forward_with_cache``, starting from ``cache``: (the calls' logits joined along
+    the sequence, the final cache). ``call_kwargs(start, end, cache)`` gives a call's extra
+    keywords (the positions some families need)."""
+    import mc_retrofit
+
+    parts = []
+    for a, b in calls:
+        out, cache = mc_retrofit.forward_with_cache(model, x[:, a:b], cache,
+                                                    **(call_kwargs(a, b, cache) if call_kwargs else {}))
+        parts.append(out.logits)
+    return torch.cat(parts, 1), cache
+
+
 def tiny_model(family: str, seed: int = 0, **overrides):
     """A tiny randomly initialised model of a transformers family, in eval mode."""
     from transformers import (Mamba2Config, Mamba2ForCausalLM, MambaConfig, MambaForCausalLM, RwkvConfig,

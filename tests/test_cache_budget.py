@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_model
+from conftest import logits_in_calls, tiny_model
 
 import mc_retrofit
 from mc_retrofit import MCConfig, MCError, cache_stats
@@ -49,12 +49,9 @@ def test_capped_cache_is_the_same_in_one_forward_and_in_decoding(policy):
     x = torch.randint(0, 64, (2, 30))
     with torch.no_grad():
         full = model(x, use_cache=True)
-        parts, cache = [], None
-        for t in range(30):
-            out, cache = mc_retrofit.forward_with_cache(
-                model, x[:, t:t + 1], cache, cache_position=torch.tensor([t]) if cache is not None else None)
-            parts.append(out.logits)
-    assert (torch.cat(parts, 1) - full.logits).abs().max() <= 1e-5
+        got, cache = logits_in_calls(model, x, [(t, t + 1) for t in range(30)], call_kwargs=lambda a, b, cache: {
+            "cache_position": torch.tensor([a]) if cache is not None else None})
+    assert (got - full.logits).abs().max() <= 1e-5
     a, b = cache_stats(full), cache_stats(cache)
     assert a == b and all(v["segments"] <= 3 for v in a["layers"].values())
     assert mc_retrofit.returned_cache(full)._mc_memory[0].serials == cache._mc_memory[0].serials

@@ -14,7 +14,7 @@ import importlib.util
 import re
 import pytest
 import torch
-from conftest import ROOT, shared_path, tiny_model
+from conftest import ROOT, logits_in_calls, shared_path, tiny_model
 
 import mc_retrofit
 from mc_retrofit import MCConfig, MCError, cache_stats, compat
@@ -71,12 +71,11 @@ def test_split_prefill_then_decoding_equals_one_forward(family):
     x = torch.randint(0, model.config.vocab_size, (B, 14), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         full = model(x, use_cache=False).logits
-        parts, cache = [], None
-        for a, b in [(0, 5), (5, 8)] + [(t, t + 1) for t in range(8, 14)]:  # calls across boundaries
-            kw = {} if cache is None or family not in ("mamba2", "mamba") else {"cache_position": torch.arange(a, b)}
-            out, cache = mc_retrofit.forward_with_cache(model, x[:, a:b], cache, **kw)
-            parts.append(out.logits)
-    assert (torch.cat(parts, 1) - full).abs().max() <= 1e-5
+        got, cache = logits_in_calls(  # calls across boundaries
+            model, x, [(0, 5), (5, 8)] + [(t, t + 1) for t in range(8, 14)],
+            call_kwargs=lambda a, b, cache: {} if cache is None or family not in ("mamba2", "mamba")
+            else {"cache_position": torch.arange(a, b)})
+    assert (got - full).abs().max() <= 1e-5
     stats = cache_stats(cache)  # the memory travelled with the cache: 14 // 3 segments closed
     assert stats["segments"] > 0 and all(v["segments"] == 4 for v in stats["layers"].values())
 

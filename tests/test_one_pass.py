@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import count_calls, tiny_model
+from conftest import count_calls, logits_in_calls, spans, tiny_model
 
 import mc_retrofit
 from mc_retrofit import MCConfig, cache_stats
@@ -44,14 +44,10 @@ def test_one_pass_then_split_calls_and_decoding_continue_the_same_cache(monkeypa
     x = torch.randint(0, 64, (2, 30), generator=torch.Generator().manual_seed(1))
 
     def split():
-        parts, cache, pos = [], None, 0
         # calls at 0, 8 (one pass, leaves an open tail), 13, 14 (mid-segment: loop), 16 (one pass)
-        for n in (8, 5, 1, 2, 12):
-            out, cache = mc_retrofit.forward_with_cache(
-                model, x[:, pos:pos + n], cache, cache_position=None if cache is None else torch.arange(pos, pos + n))
-            parts.append(out.logits)
-            pos += n
-        return torch.cat(parts, 1), cache_stats(cache)
+        got, cache = logits_in_calls(model, x, spans(8, 5, 1, 2, 12), call_kwargs=lambda a, b, cache: {
+            "cache_position": None if cache is None else torch.arange(a, b)})
+        return got, cache_stats(cache)
 
     with torch.no_grad():
         (a, sa), (b, sb) = _both(monkeypatch, split)

@@ -240,7 +240,7 @@ def free_row(a, splits: Splits, base, out: Path) -> tuple[object, dict]:
     log(f"chosen on validation: {best}")
     model = mc_retrofit.convert(copy.deepcopy(base), MCConfig(segment_size=a.ctx // 2, **cands[best]["mc"]))
     return model, {"chosen": best, "mc": cands[best]["mc"], "rule": "highest mean validation pass-key accuracy",
-                   "candidates": {n: c["mc"] for n, c in cands.items()}}
+                   "candidates": {n: c["mc"] for n, c in cands.items()}, "val": cands[best]["val"]}
 
 
 def run_row(row: str, a, out: Path, splits: Splits, base) -> None:
@@ -267,11 +267,8 @@ def run_row(row: str, a, out: Path, splits: Splits, base) -> None:
         model, info = full_row(a, out, base)
     else:
         model, info = gate_row(a, out, row)
-    result = {"row": row, "info": info}
-    result["val"] = splits.score(model, "val") if row != "free" else None
-    if row == "free":
-        result["val"] = json.loads((out / "rows" / "free-candidates.json").read_text())[info["chosen"]]["val"]
-    result["test"] = splits.score(model, "test")
+    val = info.pop("val") if row == "free" else splits.score(model, "val")  # the chosen candidate's, already scored
+    result = {"row": row, "info": info, "val": val, "test": splits.score(model, "test")}
     result["seconds"] = round(time.time() - t)
     path.write_text(json.dumps(result, indent=1) + "\n")
     log(f"{row}: written {path} ({result['seconds']} s)")

@@ -14,6 +14,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:According to Bo", "ignore:Triton
 import mc_retrofit as mc  # noqa: E402
 from mc_retrofit.errors import MCError  # noqa: E402
 
+from conftest import logits_in_calls  # noqa: E402
 from fla_oracles import FAMILIES, tiny_fla_model, token_reference  # noqa: E402
 
 TOL = 1e-5
@@ -58,14 +59,9 @@ def test_chunked_prefill_and_decoding_equal_full_forward(family):
     model = mc.convert(tiny_fla_model(family), mc.MCConfig(segment_size=6, aggregation="gated"))
     full = _logits(model, ids)
     with torch.no_grad():
-        out = model(ids[:, :9], use_cache=True)
-        parts = [out.logits]
-        out, cache = mc.forward_with_cache(model, ids[:, 9:15], mc.returned_cache(out))
-        parts.append(out.logits)
-        for t in range(15, 22):  # crosses the boundary at 18
-            out, cache = mc.forward_with_cache(model, ids[:, t:t + 1], cache)
-            parts.append(out.logits)
-    assert (torch.cat(parts, 1) - full).abs().max() <= TOL
+        out = model(ids[:, :9], use_cache=True)  # crosses the boundary at 18:
+        rest, _ = logits_in_calls(model, ids, [(9, 15)] + [(t, t + 1) for t in range(15, 22)], mc.returned_cache(out))
+    assert (torch.cat([out.logits, rest], 1) - full).abs().max() <= TOL
 
 
 @pytest.mark.parametrize("family", FAMILIES)

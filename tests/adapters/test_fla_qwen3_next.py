@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from conftest import logits_in_calls
 from fla_oracles import tiny_qwen3_next as _tiny  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:Triton is not supported")
@@ -25,13 +26,10 @@ def test_qwen3_next_gdn_layers_get_mc():
     with torch.no_grad():
         full = model(ids, use_cache=False).logits
         out = model(ids[:, :9], use_cache=True)
-        parts, cache = [out.logits], mc.returned_cache(out)
-        for t in range(9, 20):
-            out, cache = mc.forward_with_cache(model, ids[:, t:t + 1], cache)
-            parts.append(out.logits)
+        rest, _ = logits_in_calls(model, ids, [(t, t + 1) for t in range(9, 20)], mc.returned_cache(out))
     assert (full[:, :6] - base[:, :6]).abs().max() <= 1e-5
     assert (full - base).abs().max() > 1e-3
-    assert (torch.cat(parts, 1) - full).abs().max() <= 1e-5
+    assert (torch.cat([out.logits, rest], 1) - full).abs().max() <= 1e-5
 
 
 def test_inspect_counts_only_the_recurrent_layers_of_a_hybrid(tmp_path):

@@ -17,6 +17,7 @@ import mc_retrofit as mc  # noqa: E402
 from mc_retrofit.adapters import adapter_by_family, adapter_for  # noqa: E402
 from mc_retrofit.errors import MCError  # noqa: E402
 
+from conftest import logits_in_calls  # noqa: E402
 from fla_oracles import _l2, _q_read, _rep, token_reference  # noqa: E402
 
 TOL = 1e-5
@@ -140,14 +141,9 @@ def test_split_prefill_decoding_and_generate_equal_full_recomputation(family):
     model = mc.convert(tiny(family), mc.MCConfig(segment_size=4, aggregation="gated"))
     full = _logits(model, ids)
     with torch.no_grad():
-        out = model(ids[:, :5], use_cache=True)
-        parts = [out.logits]
-        out, cache = mc.forward_with_cache(model, ids[:, 5:10], mc.returned_cache(out))
-        parts.append(out.logits)
-        for t in range(10, 14):  # crosses the boundary at 12
-            out, cache = mc.forward_with_cache(model, ids[:, t:t + 1], cache)
-            parts.append(out.logits)
-    assert (torch.cat(parts, 1) - full).abs().max() <= TOL
+        out = model(ids[:, :5], use_cache=True)  # crosses the boundary at 12:
+        rest, _ = logits_in_calls(model, ids, [(5, 10)] + [(t, t + 1) for t in range(10, 14)], mc.returned_cache(out))
+    assert (torch.cat([out.logits, rest], 1) - full).abs().max() <= TOL
     prompt, new = ids[:, :6], 6  # generation crosses the boundaries at 8 and 12
     with torch.no_grad():
         got = model.generate(prompt, max_new_tokens=new, do_sample=False, use_cache=True,

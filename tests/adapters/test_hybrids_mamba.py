@@ -12,7 +12,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import count_calls
+from conftest import count_calls, logits_in_calls
 from oracles import ORACLES
 from test_cache_path import _assert_generate_is_recomputation, _forced
 from transformers import (BambaConfig, FalconH1Config, FalconMambaConfig, GraniteMoeHybridConfig, JambaConfig,
@@ -170,12 +170,10 @@ def test_split_prefill_then_decoding_equals_one_forward(family):
     x = torch.randint(0, 64, (2, 14), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         full = model(x, use_cache=False).logits
-        parts, cache = [], None
-        for a, b in [(0, 5), (5, 8)] + [(t, t + 1) for t in range(8, 14)]:  # calls across boundaries
-            positions = torch.arange(a, b)[None].expand(2, -1)  # the attention layers' positions
-            out, cache = mc_retrofit.forward_with_cache(model, x[:, a:b], cache, position_ids=positions)
-            parts.append(out.logits)
-    assert (torch.cat(parts, 1) - full).abs().max() <= 1e-5
+        got, cache = logits_in_calls(  # calls across boundaries, with the attention layers' positions
+            model, x, [(0, 5), (5, 8)] + [(t, t + 1) for t in range(8, 14)],
+            call_kwargs=lambda a, b, cache: {"position_ids": torch.arange(a, b)[None].expand(2, -1)})
+    assert (got - full).abs().max() <= 1e-5
     stats = cache_stats(cache)  # the memory rode on the model's cache: 14 // 3 segments, Mamba layers only
     assert sorted(stats["layers"]) == RECURRENT[family]
     assert all(v["segments"] == 4 for v in stats["layers"].values())

@@ -11,7 +11,7 @@ import torch
 pytest.importorskip("fla")
 pytestmark = pytest.mark.filterwarnings("ignore:Triton is not supported")
 
-from conftest import count_calls  # noqa: E402
+from conftest import count_calls, logits_in_calls, spans  # noqa: E402
 from fla_oracles import FAMILIES, tiny_fla_model  # noqa: E402
 from test_one_pass import _both  # noqa: E402  (loop first, then one pass)
 
@@ -50,14 +50,10 @@ def test_one_pass_then_split_calls_and_decoding_continue_the_same_cache(monkeypa
     x = _ids(30, 1)
 
     def split():
-        parts, cache, pos = [], None, 0
         # calls at 0 (one pass), 8 (one pass, leaves an open tail), 13, 14, 15 (decoding off a boundary: the
         # loop), 16 (one pass on the cache the loop continued)
-        for n in (8, 5, 1, 1, 1, 12):
-            out, cache = mc_retrofit.forward_with_cache(model, x[:, pos:pos + n], cache)
-            parts.append(out.logits)
-            pos += n
-        return torch.cat(parts, 1), cache_stats(cache)
+        got, cache = logits_in_calls(model, x, spans(8, 5, 1, 1, 1, 12))
+        return got, cache_stats(cache)
 
     with torch.no_grad():
         (a, sa), (b, sb) = _both(monkeypatch, split)
