@@ -46,10 +46,29 @@ def join_gloo(rank: int, world: int, port: int) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=world)
 
 
-def _worker(rank: int, world: int, port: int, tmp: str) -> None:
+def in_gloo_group(rank: int, world: int, port: int, body, *args) -> None:
+    """Run ``body(*args)`` in a spawned worker's gloo group, then leave the group. The body's
+    models (FSDP's sharded ones among them) are collected first, while the interpreter is
+    whole: gloo's worker threads can hold their tensors, and freeing those during interpreter
+    teardown aborts the process now and then (pytorch/pytorch#179291)."""
+    import gc
+
     import torch.distributed as dist
 
-    join_gloo(rank, world, port)  # one process group for the three runs (finetune joins it, leaves it up)
+    join_gloo(rank, world, port)
+    try:
+        body(*args)
+    finally:
+        gc.collect()
+        dist.destroy_process_group()
+
+
+def _worker(rank: int, world: int, port: int, tmp: str) -> None:
+    # one process group for the three runs (finetune joins it, leaves it up)
+    in_gloo_group(rank, world, port, _train, rank, tmp)
+
+
+def _train(rank: int, tmp: str) -> None:
     import mc_retrofit.finetune.loop as ft
 
     seen, step = [], ft.window_loss_and_backward
@@ -58,17 +77,14 @@ def _worker(rank: int, world: int, port: int, tmp: str) -> None:
         seen.append(windows.clone())
         return step(model, windows, *args, **kw)
 
-    try:
-        ft.window_loss_and_backward = recording  # records this rank's windows in the first run
-        straight = _converted()
-        finetune(straight, TEXT, out=f"{tmp}/ddp", **KW)
-        ft.window_loss_and_backward = step
-        torch.save(seen, f"{tmp}/windows{rank}.pt")
-        finetune(_converted(), TEXT, out=f"{tmp}/staged", stop_at=2, **KW)
-        finetune(_converted(), TEXT, out=f"{tmp}/staged", resume=True, **KW)
-        torch.save(straight.state_dict(), f"{tmp}/rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
+    ft.window_loss_and_backward = recording  # records this rank's windows in the first run
+    straight = _converted()
+    finetune(straight, TEXT, out=f"{tmp}/ddp", **KW)
+    ft.window_loss_and_backward = step
+    torch.save(seen, f"{tmp}/windows{rank}.pt")
+    finetune(_converted(), TEXT, out=f"{tmp}/staged", stop_at=2, **KW)
+    finetune(_converted(), TEXT, out=f"{tmp}/staged", resume=True, **KW)
+    torch.save(straight.state_dict(), f"{tmp}/rank{rank}.pt")
 
 
 def test_two_processes_train_the_same_gates_as_one(tmp_path):

@@ -16,7 +16,7 @@ from mc_retrofit.finetune import finetune
 from mc_retrofit.model import gate_state_dict
 
 from conftest import tiny_model
-from finetune.test_finetune_dist import TEXT, _free_port, join_gloo, torchrun_and_one_process
+from finetune.test_finetune_dist import TEXT, _free_port, in_gloo_group, torchrun_and_one_process
 
 # TBPTT (chunks accumulate the gate gradients; one all-reduce per step) and state passing
 # (the checkpoint gathers every rank's carried cache; resuming builds it with a forward of
@@ -31,26 +31,25 @@ def _converted(source):
 
 
 def _worker(rank: int, world: int, port: int, tmp: str) -> None:
-    import torch.distributed as dist
+    in_gloo_group(rank, world, port, _train, rank, tmp)
+
+
+def _train(rank: int, tmp: str) -> None:
     from torch.distributed.tensor import DTensor
 
-    join_gloo(rank, world, port)
-    try:
-        model = _converted(f"{tmp}/base")
-        full = {n: p.numel() for n, p in model.named_parameters()}
-        finetune(model, TEXT, out=f"{tmp}/fsdp", shard="fsdp", **KW)
-        local = {}
-        for n, p in model.named_parameters():
-            if ".mc_gate." in f".{n}":
-                assert not isinstance(p, DTensor), n  # the gates are replicated, plain tensors
-            else:
-                assert isinstance(p, DTensor), n
-                local[n] = p.to_local().numel()
-        torch.save({"local": local, "full": full, "gates": gate_state_dict(model)}, f"{tmp}/rank{rank}.pt")
-        finetune(_converted(f"{tmp}/base"), TEXT, out=f"{tmp}/staged", shard="fsdp", stop_at=1, **KW)
-        finetune(_converted(f"{tmp}/base"), TEXT, out=f"{tmp}/staged", shard="fsdp", resume=True, **KW)
-    finally:
-        dist.destroy_process_group()
+    model = _converted(f"{tmp}/base")
+    full = {n: p.numel() for n, p in model.named_parameters()}
+    finetune(model, TEXT, out=f"{tmp}/fsdp", shard="fsdp", **KW)
+    local = {}
+    for n, p in model.named_parameters():
+        if ".mc_gate." in f".{n}":
+            assert not isinstance(p, DTensor), n  # the gates are replicated, plain tensors
+        else:
+            assert isinstance(p, DTensor), n
+            local[n] = p.to_local().numel()
+    torch.save({"local": local, "full": full, "gates": gate_state_dict(model)}, f"{tmp}/rank{rank}.pt")
+    finetune(_converted(f"{tmp}/base"), TEXT, out=f"{tmp}/staged", shard="fsdp", stop_at=1, **KW)
+    finetune(_converted(f"{tmp}/base"), TEXT, out=f"{tmp}/staged", shard="fsdp", resume=True, **KW)
 
 
 def test_sharded_base_trains_the_gates_of_one_process(tmp_path):
