@@ -46,6 +46,10 @@ class Adapter:
     # The formats the family also publishes checkpoints in besides transformers' layout
     # (``mc_retrofit.formats.ForeignFormat``: e.g. mamba_ssm's config.json and weight names).
     foreign_formats: tuple = ()
+    # The online memory's gate-logit bias a conversion starts from when the user leaves
+    # ``MCConfig.online_bias`` unset: 0 lets the gates weigh cached states as the paper's
+    # Memory Caching does; a family whose model breaks under that weight declares more.
+    default_online_bias: float = 0.0
 
     def model_class(self):
         raise NotImplementedError

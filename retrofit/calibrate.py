@@ -151,7 +151,9 @@ def calibrate(base, text_windows: torch.Tensor, retrieval: tuple[torch.Tensor, t
             return True
         return paired_bootstrap(base_nll, row_nll[id(row)]).high < 0  # the answers' NLL fell, beyond noise
 
-    start = start or MCConfig()
+    from .model import adapter_of
+
+    start = (start or MCConfig()).for_family(adapter_of(base))  # the family's defaults, as convert takes them
     best_cfg, best = None, None
     for C in segment_sizes:
         for agg, k in AGGREGATIONS:

@@ -60,6 +60,9 @@ class MCConfig:
         online_bias: initial per-layer, per-head value added to the online memory's gate
             logit (> 0 trusts the online memory more; a training-free knob, and the
             starting point of the gate's ``online_bias`` that ``finetune`` tunes).
+            ``None`` (the default): the model family's own default, which ``convert`` fills
+            in and saves (``Adapter.default_online_bias``: 0 for most families, 4 for RWKV-7,
+            whose in-context retrieval breaks when a cached state gets much weight).
         cache_weight: initial per-layer, per-head mix ``a`` in ``y = o + a * (agg - o)``
             where ``o`` is the model's own output and ``agg`` the aggregated read.
             ``1.0`` is Memory Caching as the paper defines it; ``0.0`` is **off**: the
@@ -83,7 +86,7 @@ class MCConfig:
     gate_source: str = "query"
     gate_rank: int = 2
     temperature: float = 1.0
-    online_bias: float = 0.0
+    online_bias: float | None = None
     cache_weight: float = 1.0
     layers: list[int] | None = None
     max_cached_segments: int | None = None
@@ -111,7 +114,7 @@ class MCConfig:
             raise MCError(f"gate_rank must be a positive integer, not {self.gate_rank!r}")
         if not (_is_number(self.temperature) and self.temperature > 0 and math.isfinite(self.temperature)):
             raise MCError(f"temperature must be a positive number, not {self.temperature!r}")
-        if not (_is_number(self.online_bias) and math.isfinite(self.online_bias)):
+        if self.online_bias is not None and not (_is_number(self.online_bias) and math.isfinite(self.online_bias)):
             raise MCError(f"online_bias must be a finite number, not {self.online_bias!r}")
         if not (_is_number(self.cache_weight) and math.isfinite(self.cache_weight)):
             raise MCError(f"cache_weight must be a finite number, not {self.cache_weight!r}")
@@ -158,6 +161,15 @@ class MCConfig:
                 if name in given:
                     out.append((name, "has no effect under residual aggregation (every cached read has weight 1)"))
         return out
+
+    def for_family(self, adapter) -> "MCConfig":
+        """This configuration on ``adapter``'s family: the knobs left unset (None) take the
+        family's defaults. What ``convert`` uses and saves, so a reload never depends on
+        the defaults of a later version."""
+        data = {**self.to_dict(), "family": adapter.family}
+        if data["online_bias"] is None:
+            data["online_bias"] = float(adapter.default_online_bias)
+        return MCConfig.from_dict(data)
 
     # -- (de)serialisation -------------------------------------------------
     def to_dict(self) -> dict:

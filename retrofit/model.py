@@ -148,7 +148,7 @@ def convert(model, config: MCConfig | None = None):
         if bad:
             _restore(_changes(before, model))
             raise MCError(f"layers {bad} do not exist or are not recurrent: recurrent layers are {valid}")
-    config = MCConfig.from_dict({**config.to_dict(), "family": adapter.family})
+    config = config.for_family(adapter)  # unset knobs take the family's defaults
     hooks = []
     # Each gate lives where its layer computes (under a device map, layers sit on different
     # devices, or are offloaded and run on their hook's execution device).

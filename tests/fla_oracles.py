@@ -95,13 +95,14 @@ def _reads():
 
 
 def token_reference(model, family: str, ids: torch.Tensor, segment_size: int, aggregation: str, top_k: int = 2,
-                    read_of=None, names: tuple = ()):
+                    read_of=None, names: tuple = (), online_bias: float = 0.0):
     """Logits of ``model`` (unconverted) fed one token at a time with fla's cache, every
     linear layer's core op output replaced by the explicit Memory Caching aggregate over
     the states fla itself produced at the segment boundaries (cloned snapshots).
     ``read_of(kw) -> (q, k, read)``: the query, key and read of one op call (default: the
     fla family's); ``names``: the op's positional argument names (transformers' hybrids call
-    theirs positionally; fla's layers by keyword)."""
+    theirs positionally; fla's layers by keyword); ``online_bias``: added to the online
+    memory's gate logit."""
     import importlib
 
     from mc_retrofit.adapters import adapter_for
@@ -133,7 +134,7 @@ def token_reference(model, family: str, ids: torch.Tensor, segment_size: int, ag
                     agg = on + sum(reads)
                 else:
                     gs = 1.0 / q.shape[-1] ** 0.5
-                    logits = [(q.float() * (b["key_sum"] / b["fill"])).sum(-1) * gs]
+                    logits = [(q.float() * (b["key_sum"] / b["fill"])).sum(-1) * gs + online_bias]
                     logits += [(q.float() * p).sum(-1) * gs for p in b["pools"]]
                     L = torch.stack(logits, -1)  # [B, H, 1 + N]
                     if aggregation == "ssc" and top_k < len(reads):

@@ -54,8 +54,10 @@ def test_original_directory(paths):
 def test_converted_directory(paths):
     c = open_checkpoint(paths["conv"])
     assert (c.kind, c.converted, c.exported) == ("converted", True, False)
-    # the saved config is what convert recorded: the given options plus the family
-    assert c.mc_config == mr.MCConfig.from_dict({**MC.to_dict(), "family": "mamba2"})
+    # the saved config is what convert recorded: the given options plus the family, and the
+    # family's defaults for the knobs left unset (Mamba2's online bias: 0)
+    assert MC.online_bias is None
+    assert c.mc_config == mr.MCConfig.from_dict({**MC.to_dict(), "family": "mamba2", "online_bias": 0.0})
     assert json.loads((paths["conv"] / "mc_config.json").read_text()) == c.mc_config.to_dict()
     assert _same_config(c.hf_config, paths["config"])
     assert [p.name for p in c.weight_files] == ["model.safetensors"]  # the gates are not weights

@@ -30,6 +30,16 @@ class Rwkv7Adapter(FlaAdapter):
     layer_module = "fla.layers.rwkv7"
     layer_class = "RWKV7Attention"
     model_class_name = "RWKV7ForCausalLM"
+    # Training-free MC at the paper's weights breaks RWKV-7's in-context retrieval (pass keys
+    # at 1x 1.00 -> 0.13, +0.75 bits/byte at 4x on checkpoints/rwkv7-byte): with
+    # near-uniform query gates a stale state gets most of the weight, and RWKV-7 cannot
+    # take that in every layer. Even an oracle gate that weighs only the cache holding the
+    # needle breaks it at weight 0.5 (one layer alone does: recipes/studies/results/
+    # oracle-gate-rwkv7-byte*). A bias of 4 leaves the caches a few percent of the weight
+    # unless a cache matches the query far better than the online memory; it costs
+    # nothing measurable (eval-rwkv7-byte-knobs/, evidence-rwkv7-byte/), and gate tuning
+    # starts from it.
+    default_online_bias = 4.0
     ops = {
         "chunk_rwkv7": OpSpec(time_args=("r", "w", "k", "v", "a", "b"), **_COMMON),
         "fused_mul_recurrent_rwkv7": OpSpec(time_args=("r", "w", "k", "v", "kk", "a"), **_COMMON),

@@ -16,6 +16,8 @@ stopped run resumes; ``--report`` assembles whatever rows exist):
   weight 0 = the base), with the gate source named; the same rows, steps, lr and seed for all three.
 - ``full``: every weight of the base tuned (no MC) on the same rows, steps and seed, AdamW at
   ``--full-lr``. The rows are independent windows, so there is no state to pass between steps.
+  ``full500``: the same for 500 steps (the length of Buitrago Ruiz & Gu 2025's baseline).
+- ``full+mc``: the ``full`` model with the training-free MC that ``free`` chose on validation.
 
 Splits: tuning and calibration read only ``TUNE_BOOKS`` (training books). **Validation**: pass
 keys in the evaluation phrasing (``mc_retrofit.tasks``, never used in tuning) on filler from
@@ -55,7 +57,7 @@ TUNE_BOOKS = ("austen-persuasion.txt", "austen-sense.txt", "chesterton-ball.txt"
 VAL_BOOK = "bible-kjv.txt"
 TEST_BOOK = "austen-emma.txt"
 MIX = "text=0.4,passkey=0.3,multikey=0.15,kv=0.15"  # the pilot's (recipes/studies/pilot_lowrank_mix.py)
-ROWS = ("base", "free", "calibrated", "query", "lowrank", "learned", "full")
+ROWS = ("base", "free", "calibrated", "query", "lowrank", "learned", "full", "full500", "full+mc")
 # Training-free candidates (segment = half the context). Declared before any was run.
 CANDIDATES = {
     "gated": {"aggregation": "gated"},
@@ -177,7 +179,7 @@ def gate_row(a, out: Path, row: str) -> tuple[object, dict]:
     if not (d / "mc_config.json").is_file():
         extra = ["--gate-rank", str(a.rank)] if source == "lowrank" else []
         extra += ["--aggregation", "ssc", "--top-k", top_k] if top_k else []
-        extra += ["--online-bias", bias] if bias else []
+        extra += ["--online-bias", bias or "0"]  # 0 when unnamed, as the committed rows ran (not the family's default)
         extra += ["--seed", seed] if seed else []
         info["tune_seconds"] = round(cli(["finetune", a.model, "--data", str(tune_dir(a.work)), "--out", str(d),
                                           "--gate-source", source, "--cache-weight", "0", "--lr", str(a.lr),
@@ -189,9 +191,9 @@ def gate_row(a, out: Path, row: str) -> tuple[object, dict]:
     return model, info
 
 
-def full_row(a, out: Path, base) -> tuple[object, dict]:
-    d = a.work / "models" / "full"
-    info = {"lr": a.full_lr, "steps": a.steps}
+def full_row(a, out: Path, base, steps: int, name: str) -> tuple[object, dict]:
+    d = a.work / "models" / name
+    info = {"lr": a.full_lr, "steps": steps}
     if not (d / "config.json").is_file():
         t = time.time()
         text = read_texts(tune_dir(a.work))
@@ -200,7 +202,7 @@ def full_row(a, out: Path, base) -> tuple[object, dict]:
         opt = torch.optim.AdamW(model.parameters(), lr=a.full_lr, weight_decay=0.0)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 10))
         g = torch.Generator().manual_seed(0)
-        for step in range(a.steps):
+        for step in range(steps):
             idx = torch.randint(0, len(ids), (4,), generator=g)
             logits = model(input_ids=ids[idx], use_cache=False).logits.float()
             loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[idx].reshape(-1), ignore_index=-100)
@@ -209,13 +211,19 @@ def full_row(a, out: Path, base) -> tuple[object, dict]:
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
             sched.step()
-            if step % 20 == 0 or step == a.steps - 1:
-                log(f"  full step {step + 1}/{a.steps}: loss {float(loss):.4f}")
+            if step % 20 == 0 or step == steps - 1:
+                log(f"  full step {step + 1}/{steps}: loss {float(loss):.4f}")
         model.eval().save_pretrained(d)
         info["tune_seconds"] = round(time.time() - t)
     model = mc_retrofit.load_base(d)
     info["tuned_parameters"] = sum(p.numel() for p in model.parameters())
     return model, info
+
+
+def free_config(ctx: int, mc: dict) -> MCConfig:
+    """A candidate's settings; its online bias is 0 unless it names one (as the committed rows
+    ran, before families had their own default)."""
+    return MCConfig(segment_size=ctx // 2, **{"online_bias": 0.0, **mc})
 
 
 def free_row(a, splits: Splits, base, out: Path) -> tuple[object, dict]:
@@ -227,7 +235,7 @@ def free_row(a, splits: Splits, base, out: Path) -> tuple[object, dict]:
         if name in cands:
             continue
         log(f"candidate {name} (validation)")
-        model = mc_retrofit.convert(copy.deepcopy(base), MCConfig(segment_size=a.ctx // 2, **mc))
+        model = mc_retrofit.convert(copy.deepcopy(base), free_config(a.ctx, mc))
         cands[name] = {"mc": mc, "val": splits.score(model, "val")}
         path.write_text(json.dumps(cands, indent=1) + "\n")
 
@@ -238,7 +246,7 @@ def free_row(a, splits: Splits, base, out: Path) -> tuple[object, dict]:
 
     best = max(cands, key=key)
     log(f"chosen on validation: {best}")
-    model = mc_retrofit.convert(copy.deepcopy(base), MCConfig(segment_size=a.ctx // 2, **cands[best]["mc"]))
+    model = mc_retrofit.convert(copy.deepcopy(base), free_config(a.ctx, cands[best]["mc"]))
     return model, {"chosen": best, "mc": cands[best]["mc"], "rule": "highest mean validation pass-key accuracy",
                    "candidates": {n: c["mc"] for n, c in cands.items()}, "val": cands[best]["val"]}
 
@@ -263,8 +271,16 @@ def run_row(row: str, a, out: Path, splits: Splits, base) -> None:
         model = mc_retrofit.load(d)
         info = {"calibration": json.loads((d / "calibration.json").read_text())}
         info["calibration"].pop("candidates", None)
-    elif row == "full":
-        model, info = full_row(a, out, base)
+    elif row in ("full", "full500"):
+        model, info = full_row(a, out, base, a.steps if row == "full" else 500, row)
+    elif row == "full+mc":
+        free = out / "rows" / "free.json"
+        if not free.is_file():
+            sys.exit("full+mc needs the free row first (its training-free choice goes on the full model)")
+        chosen = json.loads(free.read_text())["info"]
+        full, info = full_row(a, out, base, a.steps, "full")
+        model = mc_retrofit.convert(full, free_config(a.ctx, chosen["mc"]))
+        info = {**info, "mc": chosen["mc"], "chosen": chosen["chosen"]}
     else:
         model, info = gate_row(a, out, row)
     val = info.pop("val") if row == "free" else splits.score(model, "val")  # the chosen candidate's, already scored
@@ -282,7 +298,8 @@ def report(out: Path, ctx: int) -> None:
     if "base" not in rows:
         sys.exit("no base row yet")
     base = rows["base"]
-    label = {"base": "base", "free": "best training-free", "calibrated": "calibrated", "full": "full-weight tuned"}
+    label = {"base": "base", "free": "best training-free", "calibrated": "calibrated", "full": "full-weight tuned",
+             "full500": "full-weight tuned, 500 steps", "full+mc": "full-weight tuned + training-free MC"}
     for r in rows:
         if _is_gate_row(r):
             source, top_k, bias, seed = GATE_ROW.match(r).groups()
@@ -337,7 +354,7 @@ def _is_gate_row(row: str) -> bool:
 
 def _detail(r: str, d: dict) -> str:
     i = d["info"]
-    if r == "free":
+    if r in ("free", "full+mc"):
         return f" ({i['chosen']})"
     if "gate_parameters" in i:
         return f" ({i['gate_parameters']:,} params, {100 * i['share_of_model']:.2f}%)"

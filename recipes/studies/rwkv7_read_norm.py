@@ -103,7 +103,7 @@ def main() -> None:
     t0 = time.time()
     emma = tasks.load_book("austen-emma.txt")
     base = mc_retrofit.load_base(a.model)
-    mc = mc_retrofit.convert(mc_retrofit.load_base(a.model), MCConfig(segment_size=256, aggregation="gated"))
+    mc = mc_retrofit.convert(mc_retrofit.load_base(a.model), MCConfig(segment_size=256, aggregation="gated", online_bias=0.0))  # as measured (before RWKV-7 had a default bias)
     runs = {"base": (base, core.readout_reference), "gated": (mc, measuring), "gated-norm-matched": (mc, norm_matched)}
     out = {"model": a.model, "segment_size": 256, "aggregation": "gated", "prompts": a.prompts, "bits_per_byte": {},
            "passkey": {}, "median_read_norm_ratio": {}, "mean_cached_gate_weight": {}}

@@ -80,7 +80,7 @@ def mc_options(fn):
                      help="Gate input: the layer's query, the query plus a low-rank learned correction, or a full learned connector."),
         click.option("--gate-rank", type=click.IntRange(min=1), help="Rank of the lowrank gate connector (default 2)."),
         click.option("--temperature", type=FiniteFloat(min=0, min_open=True), help="Gate softmax temperature (default 1)."),
-        click.option("--online-bias", type=FiniteFloat(), help="Added to the online memory's gate logit (default 0)."),
+        click.option("--online-bias", type=FiniteFloat(), help="Added to the online memory's gate logit (default: the family's, 0; RWKV-7 4)."),
         click.option("--cache-weight", type=FiniteFloat(), help="Initial mix of the cached reads: 1 = MC, 0 = exactly the base model."),
         click.option("--layers", help="Comma-separated mixer layer indices to wrap (default: all)."),
         click.option("--max-cached-segments", type=click.IntRange(min=1), help="Keep at most this many cached segments per layer."),

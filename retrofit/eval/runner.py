@@ -161,7 +161,7 @@ def _evaluate(opts: EvalOptions, world: distributed.World, device: str, t_start:
         "batch_size": batch_size,
         "recipe": recipe,
         "sections": sections,
-        "variants": [v.describe() for v in variants],
+        "variants": [v.describe(cfg) for v in variants],
         "environment": {**environment(device, world), "device_map": opts.device_map},
         "seconds": {"total": time.time() - t_start,
                     "per_variant": {n: max(t.get(n, 0.0) for t in timing) for n in names}},

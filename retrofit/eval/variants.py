@@ -31,8 +31,15 @@ class Variant:
     mc: MCConfig | None = None
     source: str = "recipe"
 
-    def describe(self) -> dict:
-        return {"name": self.name, "source": self.source, "mc_config": None if self.mc is None else self.mc.to_dict()}
+    def describe(self, model_config=None) -> dict:
+        """What the column ran: with the checkpoint's ``model_config``, the MC settings as
+        ``convert`` takes them on that family (unset knobs filled from its defaults)."""
+        mc = self.mc
+        if mc is not None and model_config is not None:
+            from mc_retrofit.adapters import adapter_for
+
+            mc = mc.for_family(adapter_for(model_config))
+        return {"name": self.name, "source": self.source, "mc_config": None if mc is None else mc.to_dict()}
 
 
 def parse_variant(text: str) -> Variant:

@@ -46,9 +46,43 @@ def test_mc_equals_token_by_token_reference(family, aggregation):
     ids = torch.randint(0, 64, (2, 17), generator=torch.Generator().manual_seed(2))
     model = mc.convert(tiny_fla_model(family), mc.MCConfig(segment_size=5, aggregation=aggregation, top_k=1))
     got = _logits(model, ids)
-    ref = token_reference(tiny_fla_model(family), family, ids, 5, aggregation, top_k=1)
+    bias = model.mc.config.online_bias  # the family's default (RWKV-7: 4; test_family_default_online_bias)
+    ref = token_reference(tiny_fla_model(family), family, ids, 5, aggregation, top_k=1, online_bias=bias)
     assert (got - ref).abs().max() <= TOL
     assert (got - _logits(tiny_fla_model(family), ids)).abs().max() > 1e-3
+
+
+def test_family_default_online_bias(tmp_path):
+    """An unset online_bias takes the family's default (RWKV-7 declares 4, the others 0), which
+    convert saves; an explicit value, 0 included, is kept; the reference with the default's
+    bias is what the default conversion computes (and differs from bias 0)."""
+    from mc_retrofit.adapters import adapter_by_family
+    from mc_retrofit.model import load, save_converted
+
+    assert adapter_by_family("rwkv7").default_online_bias == 4.0
+    for family in FAMILIES:
+        default = mc.convert(tiny_fla_model(family), mc.MCConfig(segment_size=4))
+        want = 4.0 if family == "rwkv7" else 0.0
+        assert default.mc.config.online_bias == want
+        gates = mc.model.gate_modules(default).values()
+        assert all(torch.equal(g.online_bias, torch.full_like(g.online_bias, want)) for g in gates)
+        explicit = mc.convert(tiny_fla_model(family), mc.MCConfig(segment_size=4, online_bias=0.0))
+        assert explicit.mc.config.online_bias == 0.0
+    ids = torch.randint(0, 64, (1, 13), generator=torch.Generator().manual_seed(5))
+    default = mc.convert(tiny_fla_model("rwkv7"), mc.MCConfig(segment_size=4))
+    save_converted(default, tmp_path / "conv")
+    assert mc.MCConfig.load(tmp_path / "conv").online_bias == 4.0  # saved resolved: a reload never re-resolves
+    got = _logits(default, ids)
+    ref4 = token_reference(tiny_fla_model("rwkv7"), "rwkv7", ids, 4, "gated", online_bias=4.0)
+    ref0 = token_reference(tiny_fla_model("rwkv7"), "rwkv7", ids, 4, "gated", online_bias=0.0)
+    assert (got - ref4).abs().max() <= TOL
+    assert (got - ref0).abs().max() > 1e-3
+    assert (_logits(load(tmp_path / "conv"), ids) - got).abs().max() <= TOL
+    from mc_retrofit.eval.variants import Variant  # what an eval's results.json says each column ran
+
+    column = Variant("mc", mc.MCConfig(segment_size=4))
+    assert column.describe(tiny_fla_model("rwkv7").config)["mc_config"]["online_bias"] == 4.0
+    assert column.describe(tiny_fla_model("gla").config)["mc_config"]["online_bias"] == 0.0
 
 
 @pytest.mark.parametrize("family", FAMILIES)
