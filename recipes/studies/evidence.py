@@ -160,22 +160,25 @@ def cli(args: list[str], logfile: Path) -> float:
     return time.time() - t
 
 
-def tune_args(a) -> list[str]:
-    return ["--mix", MIX, "--mix-rows", str(a.mix_rows), "--steps", str(a.steps), "--seq-len", str(4 * a.ctx),
+def tune_args(a, length: int = 4) -> list[str]:
+    """The tuning command's data and schedule: rows of ``length`` x the context (4 unless a row names -lenM)."""
+    return ["--mix", MIX, "--mix-rows", str(a.mix_rows), "--steps", str(a.steps), "--seq-len", str(length * a.ctx),
             "--batch", "4", "--warmup", "10", "--eval-every", "0", "--device", "cpu"]
 
 
-GATE_ROW = re.compile(r"^(query|lowrank|learned)(?:-ssc(\d+))?(?:-bias(-?\d+(?:\.\d+)?))?(?:-seed(\d+))?$")
+GATE_ROW = re.compile(r"^(query|lowrank|learned)(?:-ssc(\d+))?(?:-bias(-?\d+(?:\.\d+)?))?(?:-len(\d+))?(?:-seed(\d+))?$")
 
 
 def gate_row(a, out: Path, row: str) -> tuple[object, dict]:
-    """``SOURCE[-sscK][-biasB][-seedS]``: gates of that source tuned from cache weight 0, with
-    the gated aggregation (or SSC top-K), the (trainable, per-head) online bias starting at B
-    (default 0), rows and sampling drawn with seed S (default 0)."""
-    source, top_k, bias, seed = GATE_ROW.match(row).groups()
+    """``SOURCE[-sscK][-biasB][-lenM][-seedS]``: gates of that source tuned from cache weight 0,
+    with the gated aggregation (or SSC top-K), the (trainable, per-head) online bias starting at
+    B (default 0), on rows of M x the context (default 4: not the same data as the other rows),
+    rows and sampling drawn with seed S (default 0)."""
+    source, top_k, bias, length, seed = GATE_ROW.match(row).groups()
     d = a.work / "models" / row
     info = {"gate_source": source, "aggregation": f"ssc-{top_k}" if top_k else "gated",
-            "online_bias_init": float(bias or 0), "seed": int(seed or 0), "lr": a.lr, "steps": a.steps}
+            "online_bias_init": float(bias or 0), "seed": int(seed or 0), "lr": a.lr, "steps": a.steps,
+            "seq_len": int(length or 4) * a.ctx}
     if not (d / "mc_config.json").is_file():
         extra = ["--gate-rank", str(a.rank)] if source == "lowrank" else []
         extra += ["--aggregation", "ssc", "--top-k", top_k] if top_k else []
@@ -183,7 +186,7 @@ def gate_row(a, out: Path, row: str) -> tuple[object, dict]:
         extra += ["--seed", seed] if seed else []
         info["tune_seconds"] = round(cli(["finetune", a.model, "--data", str(tune_dir(a.work)), "--out", str(d),
                                           "--gate-source", source, "--cache-weight", "0", "--lr", str(a.lr),
-                                          "--force"] + extra + tune_args(a), a.work / f"finetune-{row}.log"))
+                                          "--force"] + extra + tune_args(a, int(length or 4)), a.work / f"finetune-{row}.log"))
     model = mc_retrofit.load(d)
     gates = [p for n, p in model.named_parameters() if ".mc_gate." in f".{n}"]
     info["gate_parameters"] = sum(p.numel() for p in gates)
@@ -302,9 +305,10 @@ def report(out: Path, ctx: int) -> None:
              "full500": "full-weight tuned, 500 steps", "full+mc": "full-weight tuned + training-free MC"}
     for r in rows:
         if _is_gate_row(r):
-            source, top_k, bias, seed = GATE_ROW.match(r).groups()
+            source, top_k, bias, length, seed = GATE_ROW.match(r).groups()
             label[r] = f"gate-tuned, {source}" + (f", SSC top-{top_k}" if top_k else "") + \
-                (f", online bias from {bias}" if bias else "") + (f", seed {seed}" if seed else "")
+                (f", online bias from {bias}" if bias else "") + (f", tuned at {length}x" if length else "") + \
+                (f", seed {seed}" if seed else "")
 
     def acc(h):
         ci = wilson(sum(h), len(h))
@@ -388,7 +392,7 @@ def main() -> None:
     ap.add_argument("--model", default="builtin:mamba2-byte-v2", help="a byte-level checkpoint")
     ap.add_argument("--ctx", type=int, default=512, help="its training context in bytes")
     ap.add_argument("--rows", default="base", help=f"comma-separated, of {', '.join(ROWS)} "
-                    "(a gate row may add -sscK: SSC top-K instead of gated, -biasB: the online bias starts at B, -seedS: rows drawn with seed S)")
+                    "(a gate row may add -sscK: SSC top-K instead of gated, -biasB: the online bias starts at B, -lenM: tuned on rows of M x the context, -seedS: rows drawn with seed S)")
     ap.add_argument("--report", action="store_true", help="only assemble the table from the rows written")
     ap.add_argument("--out", default=None, help="default recipes/studies/results/evidence-MODEL")
     ap.add_argument("--work", type=Path, default=None,

@@ -25,7 +25,6 @@ spread over 0..1, with 95% Wilson intervals.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import random
 import time
@@ -34,9 +33,10 @@ from pathlib import Path
 import torch
 
 import mc_retrofit
-from mc_retrofit import MCConfig, core, segments, tasks
+from mc_retrofit import MCConfig, core, tasks
 from mc_retrofit.distributed import cpu_numerics
 from mc_retrofit.eval.stats import wilson
+from rwkv7_read_norm import readout  # beside this script
 
 NEEDLE_END = b" is the pass key. "
 ORACLE = {"j": 0, "w": 0.0, "scope": "last", "last": 0}
@@ -54,16 +54,6 @@ def oracle_readout(x: core.ReadInputs) -> torch.Tensor:
     eq = "bthk,bhkv->bthv" if x.layout == "kv" else "bthk,bhvk->bthv"
     read = torch.einsum(eq, x.q.float(), x.states[:, j].float()) * x.scale  # [B,T,H,V]
     return ((1.0 - w) * x.online.float() + w * read).to(x.online.dtype)
-
-
-@contextlib.contextmanager
-def patched_readout():
-    saved = segments.readout  # the name the segment loop calls
-    segments.readout = oracle_readout
-    try:
-        yield
-    finally:
-        segments.readout = saved
 
 
 @torch.no_grad()
@@ -150,7 +140,7 @@ def main() -> None:
         for scope, w in settings:
             ORACLE.update(scope=scope, w=w)
             t = time.time()
-            with patched_readout():
+            with readout(oracle_readout):  # rwkv7_read_norm's patch of the segment loop's read-out
                 hits = [hit(model, s, seg) for s in samples]
             ci = wilson(sum(hits), len(hits))
             key = scope if scope == "base" else f"{scope}-w{w:g}"
