@@ -35,10 +35,10 @@ class Rwkv7Adapter(FlaAdapter):
     # near-uniform query gates a stale state gets most of the weight, and RWKV-7 cannot
     # take that in every layer. Even an oracle gate that weighs only the cache holding the
     # needle breaks it at weight 0.5 (one layer alone does: recipes/studies/results/
-    # oracle-gate-rwkv7-byte*). A bias of 4 leaves the caches a few percent of the weight
-    # unless a cache matches the query far better than the online memory; it costs
-    # nothing measurable (eval-rwkv7-byte-knobs/, evidence-rwkv7-byte/), and gate tuning
-    # starts from it.
+    # oracle-gate/). A bias of 4 leaves each cache about 2% of the weight unless it
+    # matches the query far better than the online memory. Training-free gated and SSC MC
+    # then cost at most +0.003 bits/byte to 4x and keep the base's pass keys
+    # (eval-rwkv7-byte-family-default/). Gate tuning starts from it.
     default_online_bias = 4.0
     ops = {
         "chunk_rwkv7": OpSpec(time_args=("r", "w", "k", "v", "a", "b"), **_COMMON),
