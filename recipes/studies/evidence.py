@@ -175,10 +175,11 @@ def gate_row(a, out: Path, row: str) -> tuple[object, dict]:
     B (default 0), on rows of M x the context (default 4: not the same data as the other rows),
     rows and sampling drawn with seed S (default 0)."""
     source, top_k, bias, length, seed = GATE_ROW.match(row).groups()
+    mult = int(length or 4)
     d = a.work / "models" / row
     info = {"gate_source": source, "aggregation": f"ssc-{top_k}" if top_k else "gated",
             "online_bias_init": float(bias or 0), "seed": int(seed or 0), "lr": a.lr, "steps": a.steps,
-            "seq_len": int(length or 4) * a.ctx}
+            "seq_len": mult * a.ctx}
     if not (d / "mc_config.json").is_file():
         extra = ["--gate-rank", str(a.rank)] if source == "lowrank" else []
         extra += ["--aggregation", "ssc", "--top-k", top_k] if top_k else []
@@ -186,7 +187,7 @@ def gate_row(a, out: Path, row: str) -> tuple[object, dict]:
         extra += ["--seed", seed] if seed else []
         info["tune_seconds"] = round(cli(["finetune", a.model, "--data", str(tune_dir(a.work)), "--out", str(d),
                                           "--gate-source", source, "--cache-weight", "0", "--lr", str(a.lr),
-                                          "--force"] + extra + tune_args(a, int(length or 4)), a.work / f"finetune-{row}.log"))
+                                          "--force"] + extra + tune_args(a, mult), a.work / f"finetune-{row}.log"))
     model = mc_retrofit.load(d)
     gates = [p for n, p in model.named_parameters() if ".mc_gate." in f".{n}"]
     info["gate_parameters"] = sum(p.numel() for p in gates)

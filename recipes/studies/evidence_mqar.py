@@ -80,18 +80,13 @@ def cell(L: int, P) -> str:
     return f"L{int(float(L))}-P{int(float(P))}"
 
 
-def fits(L: int, P: int) -> bool:
-    return (L - 2 * P) // 2 >= 1  # make_mqar_items' rule: room for a query after the pairs
-
-
 def split_seeds() -> dict[str, set[int]]:
     """The numpy seeds each split's sequences are drawn with (tuning: ``data``'s seed + i per
     pair count; validation/test: eval's per-cell seeds)."""
     n_sizes = len(range(8, TUNE["max_pairs"] + 1, 8))
     out = {"tune": {TUNE_SEED + i for i in range(n_sizes)}}
     for name, body, seed in (("val", VAL, VAL_SEED), ("test", TEST, TEST_SEED)):
-        out[name] = {retrieval._seed(f"{seed}:mqar:{L}:{P}") for L in body["lengths"] for P in body["pairs"]
-                     if fits(L, P)}
+        out[name] = {cell_seed for *_, cell_seed in retrieval.mqar_cells(body, seed)}
     return out
 
 

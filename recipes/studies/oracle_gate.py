@@ -95,7 +95,7 @@ def report(folder: Path) -> None:
             w = key.rsplit("-w", 1)[-1]  # one colour per weight in every panel
             ax.plot([int(m) for m in ms], [by_len[m]["accuracy"] for m in ms], marker="o", label=key,
                     color="black" if key == "base" else COLOURS.get(w), ls="--" if key == "base" else "-")
-        ax.set(title=stem, xscale="log", xlabel="prompt length (x context)", ylim=(-0.02, 1.02))
+        ax.set(title=stem, xlabel="prompt length (x context)", ylim=(-0.02, 1.02))
         ax.set_xscale("log", base=2)
     axes[0][0].set_ylabel("pass-key accuracy (oracle gate)")
     axes[0][0].legend(fontsize=7)

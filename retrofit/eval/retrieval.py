@@ -58,20 +58,29 @@ def make_mqar_items(body: dict, vocab_size: int, seed: int) -> list[TaskItem]:
     pairs, so results come as a length x pairs grid. A sample's score is the share of its
     queried keys whose value is the argmax (its ``correct``), over ``n_pairs`` queries (fewer
     when the length leaves less room after the pairs)."""
+    for P in body.get("pairs", [8]):
+        if P >= vocab_size // 2:
+            raise MCError(f"mqar: {P} pairs need more than {vocab_size // 2} key tokens (vocabulary {vocab_size})")
     items = []
+    for L, P, n_queries, cell_seed in mqar_cells(body, seed):
+        batch = tasks.mqar(body.get("samples", 64), L, P, vocab_size=vocab_size, n_queries=n_queries,
+                           seed=cell_seed, random_non_queries=bool(body.get("noise", False)))
+        for i in range(batch.inputs.shape[0]):
+            items.append(TaskItem("mqar", L, float(P), i, batch.inputs[i], 0,
+                                  {"targets": batch.targets[i], "n_pairs": P}))
+    return items
+
+
+def mqar_cells(body: dict, seed: int) -> list[tuple[int, int, int, int]]:
+    """``(length, pairs, queries, generator seed)`` of every MQAR cell that exists: a
+    (length, pairs) cell needs room for a query after its pairs, and asks at most ``pairs``."""
+    cells = []
     for L in body["lengths"]:
         for P in body.get("pairs", [8]):
-            if P >= vocab_size // 2:
-                raise MCError(f"mqar: {P} pairs need more than {vocab_size // 2} key tokens (vocabulary {vocab_size})")
             room = (L - 2 * P) // 2  # query slots after the pairs
-            if room < 1:
-                continue  # no room for a query: this (length, pairs) cell does not exist
-            batch = tasks.mqar(body.get("samples", 64), L, P, vocab_size=vocab_size, n_queries=min(P, room),
-                               seed=_seed(f"{seed}:mqar:{L}:{P}"), random_non_queries=bool(body.get("noise", False)))
-            for i in range(batch.inputs.shape[0]):
-                items.append(TaskItem("mqar", L, float(P), i, batch.inputs[i], 0,
-                                      {"targets": batch.targets[i], "n_pairs": P}))
-    return items
+            if room >= 1:
+                cells.append((L, P, min(P, room), _seed(f"{seed}:mqar:{L}:{P}")))
+    return cells
 
 
 def _seed(text: str) -> int:
