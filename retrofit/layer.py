@@ -35,6 +35,10 @@ class MCGate(nn.Module):
     input is the query plus ``x A B``, exactly the query gates until ``B`` is tuned.
     """
 
+    # the submodules that map the layer input into the gate input (``learned``, ``lowrank``);
+    # the rest are per-head scalars. ``finetune(connector_lr=)`` tunes the two at different rates.
+    CONNECTOR_MODULES = ("connector", "down", "up")
+
     def __init__(self, config: MCConfig, layer_idx: int, num_heads: int, key_dim: int, hidden_size: int):
         super().__init__()
         self.config = config

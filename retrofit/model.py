@@ -199,6 +199,13 @@ def gate_parameters(model) -> list[tuple[str, torch.nn.Parameter]]:
     return [(n, p) for n, p in model.named_parameters() if ".mc_gate." in f".{n}"]
 
 
+def is_connector(name: str) -> bool:
+    """Whether the gate parameter ``name`` belongs to a connector (not a per-head scalar)."""
+    from .layer import MCGate
+
+    return any(f".mc_gate.{m}." in f".{name}" for m in MCGate.CONNECTOR_MODULES)
+
+
 def gate_state_dict(model) -> dict[str, torch.Tensor]:
     return {k: v for k, v in model.state_dict().items() if ".mc_gate." in f".{k}"}
 

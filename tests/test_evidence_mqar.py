@@ -85,3 +85,18 @@ def test_split_seeds_are_the_real_ones_and_disjoint(monkeypatch):
         assert "share generator seeds" in str(e)
     else:
         raise AssertionError("overlapping splits were accepted")
+
+
+def test_gate_row_names():
+    E = _study()
+    assert E.gate_row("query") == ("query", E.GATE, {})
+    source, gate, rates = E.gate_row("lowrank-seg4-lr0.005-clr0.0001")
+    assert (source, gate["segment_size"], rates) == ("lowrank", 4, {"lr": 0.005, "connector_lr": 0.0001})
+    assert {k: v for k, v in gate.items() if k != "segment_size"} == {k: v for k, v in E.GATE.items()
+                                                                      if k != "segment_size"}
+    assert E.GATE["segment_size"] == 8  # the named row changed a copy
+    for bad in ("free", "full+mc", "query-seg", "query-lrx", "query-clr", "query-bias2", "queries"):
+        assert E.gate_row(bad) is None, bad
+    assert E.label("learned-seg4") == "gate-tuned, learned, segment 4"
+    assert E.label("lowrank-lr0.01") == "gate-tuned, lowrank, lr 0.01"
+    assert E.label("lowrank-seg4-clr0.001") == "gate-tuned, lowrank, segment 4, connector lr 0.001"

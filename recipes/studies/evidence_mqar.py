@@ -18,6 +18,10 @@ run in separate processes; ``--report`` assembles whatever rows exist):
   batches (``finetune_mqar_evidence.full_weight``: AdamW, same seed), 200 and 500 steps (500:
   the Buitrago Ruiz & Gu 2025 baseline length).
 - ``full+mc``: the ``full`` model with the training-free MC that ``free`` chose on top.
+- Added after ``oracle_mqar.py`` (the segment-8 router misses the right cache for half the
+  queries): ``free-wide`` (``free`` over ``CANDIDATES`` and ``CANDIDATES_LATE``, the latter with
+  segments of 4), gate rows ``SOURCE-seg4`` (``GATE`` with segments of 4, all else equal) and
+  ``full+mc-wide`` (``full`` with ``free-wide``'s choice).
 - ``recheck`` (not a row): the base and the chosen candidate on the committed
   ``results/eval-mqar-FAMILY-mqar`` sequences (its seed 0, 64 per cell), beside its numbers.
 
@@ -52,7 +56,8 @@ from finetune_mqar_evidence import data, full_weight  # noqa: E402
 from split_records import load_results  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
-ROWS = ("base", "free", "query", "lowrank", "learned", "full", "full500", "full+mc")
+ROWS = ("base", "free", "query", "lowrank", "learned", "full", "full500", "full+mc",
+        "free-wide", "query-seg4", "lowrank-seg4", "learned-seg4", "full+mc-wide")
 # Training-free candidates, declared before any was run (the mqar suite's names and settings).
 CANDIDATES = {
     "gated-8": {"segment_size": 8, "aggregation": "gated"},
@@ -62,8 +67,42 @@ CANDIDATES = {
     "ssc2-8": {"segment_size": 8, "aggregation": "ssc", "top_k": 2},
     "ssc2-16": {"segment_size": 16, "aggregation": "ssc", "top_k": 2},
 }
+# Added in session 7, after ``oracle_mqar.py`` found that at segments of 8 the query router puts
+# the cache holding the asked pair in its top 2 for only about half the queries (the pair's key
+# is one of 8 in the segment's mean-pooled key), while reading that cache answers 0.98: a
+# segment of 4 pools 2 pairs. Row ``free-wide`` chooses among these and ``CANDIDATES`` together,
+# on validation by the same rule; row ``free`` keeps the declared set.
+CANDIDATES_LATE = {
+    "gated-4": {"segment_size": 4, "aggregation": "gated"},
+    "ssc1-4": {"segment_size": 4, "aggregation": "ssc", "top_k": 1},
+    "ssc2-4": {"segment_size": 4, "aggregation": "ssc", "top_k": 2},
+    "ssc4-4": {"segment_size": 4, "aggregation": "ssc", "top_k": 4},
+}
 SELECT_PAIRS = 32
 GATE = {"segment_size": 8, "aggregation": "ssc", "top_k": 2, "cache_weight": 0.0}  # every gate row
+GATE_SOURCES = ("query", "lowrank", "learned")
+
+
+def gate_row(row: str) -> tuple[str, dict, dict] | None:
+    """``SOURCE[-segS][-lrX][-clrY]`` -> (source, GATE with segments of S, the finetune rates
+    given: ``lr`` X, ``connector_lr`` Y; the others are ``--lr`` and unset); None when ``row`` is not a
+    gate row."""
+    source, *opts = row.split("-")
+    if source not in GATE_SOURCES:
+        return None
+    gate, rates = dict(GATE), {}
+    for o in opts:
+        if o.startswith("seg") and o[3:].isdigit():
+            gate["segment_size"] = int(o[3:])
+            continue
+        key = "connector_lr" if o.startswith("clr") else "lr" if o.startswith("lr") else None
+        try:
+            rates[key] = float(o[3 if key == "connector_lr" else 2:])
+        except ValueError:
+            return None
+        if key is None:
+            return None
+    return source, gate, rates
 TUNE = {"n": 2048, "seq_len": 256, "max_pairs": 32}  # finetune_mqar_evidence.data's arguments
 TUNE_SEED, VAL_SEED, TEST_SEED = 100, 1, 2
 VAL = {"lengths": [256, 1024], "pairs": [16, 32], "samples": 64}
@@ -149,16 +188,18 @@ class Study:
         with atomic_file(path, force=True) as tmp:
             tmp.write_text(json.dumps(obj, indent=1) + "\n")
 
-    def chosen(self) -> dict:
-        path = self.a.out / "rows" / "free.json"
+    def chosen(self, row: str = "free") -> dict:
+        path = self.a.out / "rows" / f"{row}.json"
         if not path.is_file():
-            sys.exit("run the free row first: full+mc and recheck use the candidate it chose")
+            sys.exit(f"run the {row} row first: full+mc and recheck use the candidate it chose")
         return json.loads(path.read_text())["info"]
 
-    def free(self):
+    def free(self, candidates: dict = CANDIDATES):
+        """The best of ``candidates`` on validation (each candidate's validation scores are kept in
+        one file, so a candidate is scored once whichever row asks)."""
         path = self.a.out / "rows" / "free-candidates.json"
         cands = json.loads(path.read_text()) if path.is_file() else {}
-        for name, mc in CANDIDATES.items():
+        for name, mc in candidates.items():
             if name not in cands:
                 t = time.time()
                 cands[name] = score(mc_retrofit.convert(self.base(), MCConfig(**mc)), self.val, name)
@@ -166,24 +207,27 @@ class Study:
                     f"{mean([mean(v) for c, v in cands[name].items() if c.endswith(f'-P{SELECT_PAIRS}')]):.3f} "
                     f"({time.time() - t:.0f} s)")
                 self.write(path, cands)
-        best = select({n: cands[n] for n in CANDIDATES})
+        best = select({n: cands[n] for n in candidates})
         log(f"  chosen on validation: {best}")
-        model = mc_retrofit.convert(self.base(), MCConfig(**CANDIDATES[best]))
-        info = {"chosen": best, "mc": CANDIDATES[best], "candidates": CANDIDATES,
+        model = mc_retrofit.convert(self.base(), MCConfig(**candidates[best]))
+        info = {"chosen": best, "mc": candidates[best], "candidates": candidates,
                 "rule": f"best mean validation recall at {SELECT_PAIRS} pairs"}
         return model, info, cands[best]
 
-    def gate(self, source: str):
+    def gate(self, row: str):
+        """Gate row ``SOURCE[-segS][-lrX]`` (:func:`gate_row`)."""
         from mc_retrofit.finetune import finetune
 
-        d = self.a.work / "models" / source
-        info = {"gate_source": source, **GATE, "lr": self.a.lr, "steps": self.a.steps, "batch": self.a.batch,
+        source, gate, rates = gate_row(row)
+        rates = {"lr": self.a.lr, **rates}
+        d = self.a.work / "models" / row
+        info = {"gate_source": source, **gate, **rates, "steps": self.a.steps, "batch": self.a.batch,
                 "seed": TUNE_SEED}
         if not (d / "mc_config.json").is_file():
             t = time.time()
-            model = mc_retrofit.convert(self.base(), MCConfig(gate_source=source, **GATE))
+            model = mc_retrofit.convert(self.base(), MCConfig(gate_source=source, **gate))
             run = finetune(model, self.tune_data(), steps=self.a.steps, seq_len=TUNE["seq_len"], batch=self.a.batch,
-                           lr=self.a.lr, warmup=10, seed=TUNE_SEED, eval_every=max(1, self.a.steps // 5), out=d,
+                           **rates, warmup=10, seed=TUNE_SEED, eval_every=max(1, self.a.steps // 5), out=d,
                            force=True, log=log, progress=False)
             info["tune_seconds"] = round(time.time() - t)
             info["heldout_history"] = run["history"]
@@ -217,13 +261,15 @@ class Study:
             model, info = self.base(), {}
         elif row == "free":
             model, info, val = self.free()
-        elif row in ("query", "lowrank", "learned"):
+        elif row == "free-wide":
+            model, info, val = self.free({**CANDIDATES, **CANDIDATES_LATE})
+        elif gate_row(row):
             model, info = self.gate(row)
         elif row in ("full", "full500"):
             model, info = self.full(self.a.steps if row == "full" else 500)
-        elif row == "full+mc":
+        elif row in ("full+mc", "full+mc-wide"):
             full, info = self.full(self.a.steps)
-            chosen = self.chosen()
+            chosen = self.chosen("free" if row == "full+mc" else "free-wide")
             model = mc_retrofit.convert(full, MCConfig(**chosen["mc"]))
             info = {**info, "mc": chosen["mc"], "chosen": chosen["chosen"]}
         else:
@@ -260,9 +306,20 @@ class Study:
 
 
 # -- the report --------------------------------------------------------------------------------------
-LABEL = {"base": "base", "free": "best training-free", "query": "gate-tuned, query", "lowrank": "gate-tuned, lowrank",
-         "learned": "gate-tuned, learned", "full": "full-weight, 200 steps", "full500": "full-weight, 500 steps",
-         "full+mc": "full-weight 200 + training-free MC"}
+LABEL = {"base": "base", "free": "best training-free", "full": "full-weight, 200 steps",
+         "full500": "full-weight, 500 steps", "full+mc": "full-weight 200 + training-free MC",
+         "free-wide": "best training-free, segment 4 added",
+         "full+mc-wide": "full-weight 200 + training-free MC (segment 4 added)"}
+
+
+def label(row: str) -> str:
+    """A row's name in the tables: ``LABEL``, or a gate row's source and what differs from GATE."""
+    g = gate_row(row)
+    if g is None:
+        return LABEL[row]
+    source, gate, rates = g
+    seg = "" if gate["segment_size"] == GATE["segment_size"] else f", segment {gate['segment_size']}"
+    return f"gate-tuned, {source}{seg}" + "".join(f", {k.replace('_', ' ')} {v:g}" for k, v in rates.items())
 
 
 def _detail(r: str, d: dict) -> str:
@@ -290,7 +347,8 @@ def summarise(rows: dict) -> dict:
 
 def report(out: Path, model: str) -> None:
     written = {p.stem for p in (out / "rows").glob("*.json")}
-    rows = {r: json.loads((out / "rows" / f"{r}.json").read_text()) for r in ROWS if r in written}
+    extra = sorted(r for r in written if r not in ROWS and gate_row(r))  # e.g. lowrank-seg4-lr0.005
+    rows = {r: json.loads((out / "rows" / f"{r}.json").read_text()) for r in ROWS + tuple(extra) if r in written}
     if "base" not in rows:
         sys.exit("no base row yet")
     summ = summarise(rows)
@@ -305,13 +363,13 @@ def report(out: Path, model: str) -> None:
         lines += [f"## Test, length {L}: recall [95%]", "", "| row | " + " | ".join(f"P{c.split('-P')[1]}" for c in cs)
                   + " |", "|---|" + "---:|" * len(cs)]
         for r, d in rows.items():
-            lines.append(f"| {LABEL[r]}{_detail(r, d)} | " + " | ".join(str(mean_interval(d["test"][c])) for c in cs)
+            lines.append(f"| {label(r)}{_detail(r, d)} | " + " | ".join(str(mean_interval(d["test"][c])) for c in cs)
                          + " |")
         lines += ["", f"## Test, length {L}: change vs base [95% paired]", "",
                   "| row | " + " | ".join(f"P{c.split('-P')[1]}" for c in cs) + " |", "|---|" + "---:|" * len(cs)]
         for r, d in rows.items():
             if r != "base":
-                lines.append(f"| {LABEL[r]} | " + " | ".join(
+                lines.append(f"| {label(r)} | " + " | ".join(
                     "{0.estimate:+.3f} [{0.low:+.3f}, {0.high:+.3f}]".format(paired_bootstrap(rows["base"]["test"][c],
                                                                                             d["test"][c]))
                     for c in cs) + " |")
@@ -323,19 +381,20 @@ def report(out: Path, model: str) -> None:
         if r == "base":
             continue
         cis = [paired_bootstrap(rows["base"]["test"][c], d["test"][c]) for c in target]
-        lines.append(f"| {LABEL[r]} | " + " | ".join(f"{ci.estimate:+.3f}" for ci in cis) + " | "
+        lines.append(f"| {label(r)} | " + " | ".join(f"{ci.estimate:+.3f}" for ci in cis) + " | "
                      + ("yes" if all(ci.estimate >= 0.30 for ci in cis) else "no") + " | "
                      + ("yes" if all(ci.low >= 0.30 for ci in cis) else "no") + " |")
     vc = list(rows["base"]["val"])
     lines += ["", f"## Validation split (seed {VAL_SEED}, {VAL['samples']} sequences per cell): mean recall", "",
               "| row | " + " | ".join(vc) + " |", "|---|" + "---:|" * len(vc)]
     for r, d in rows.items():
-        lines.append(f"| {LABEL[r]} | " + " | ".join(f"{mean(d['val'][c]):.3f}" for c in vc) + " |")
+        lines.append(f"| {label(r)} | " + " | ".join(f"{mean(d['val'][c]):.3f}" for c in vc) + " |")
     cpath = out / "rows" / "free-candidates.json"
     if cpath.is_file():
         cands = json.loads(cpath.read_text())
-        lines += ["", "## Training-free candidates on validation (the free row is the best at "
-                  f"P{SELECT_PAIRS}; none was scored on test)", "", "| candidate | " + " | ".join(vc) + " |",
+        lines += ["", "## Training-free candidates on validation (the free row is the best declared one at "
+                  f"P{SELECT_PAIRS}, free-wide the best of all, segment-4 ones added after the oracle study; "
+                  "none was scored on test)", "", "| candidate | " + " | ".join(vc) + " |",
                   "|---|" + "---:|" * len(vc)]
         for name, v in cands.items():
             lines.append(f"| {name} | " + " | ".join(f"{mean(v[c]):.3f}" for c in vc) + " |")
@@ -343,7 +402,7 @@ def report(out: Path, model: str) -> None:
               "|---|---:|---:|---:|---:|"]
     for r, d in rows.items():
         i = d["info"]
-        lines.append(f"| {LABEL[r]} | {i.get('trainable_parameters', 0):,} | {100 * i.get('share_of_model', 0):.1f}% | "
+        lines.append(f"| {label(r)} | {i.get('trainable_parameters', 0):,} | {100 * i.get('share_of_model', 0):.1f}% | "
                      f"{i.get('tune_seconds', '')} | {d.get('seconds', '')} |")
     rpath = out / "rows" / "recheck.json"
     if rpath.is_file():
@@ -358,7 +417,7 @@ def report(out: Path, model: str) -> None:
     text = "\n".join(lines) + "\n"
     (out / "results.md").write_text(text)
     (out / "results.json").write_text(json.dumps({"model": model, "settings": {
-        "candidates": CANDIDATES, "select_pairs": SELECT_PAIRS, "gate": GATE, "tune": TUNE, "seeds":
+        "candidates": CANDIDATES, "candidates_late": CANDIDATES_LATE, "select_pairs": SELECT_PAIRS, "gate": GATE, "tune": TUNE, "seeds":
         {"tune": TUNE_SEED, "val": VAL_SEED, "test": TEST_SEED}, "val": VAL, "test": TEST}, "rows": summ}, indent=1) + "\n")
     _plot(rows, out / "recall.png", model)
     print(text)
@@ -376,7 +435,7 @@ def _plot(rows: dict, path: Path, model: str) -> None:
             cis = [mean_interval(d["test"][cell(L, P)]) for P in ps]
             ax.errorbar([P + 0.3 * (i - len(rows) / 2) for P in ps], [c.estimate for c in cis],
                         yerr=[[c.estimate - c.low for c in cis], [c.high - c.estimate for c in cis]], marker="o",
-                        capsize=2, label=LABEL[r], color="black" if r == "base" else plt.cm.tab10(i % 10),
+                        capsize=2, label=label(r), color="black" if r == "base" else plt.cm.tab10(i % 10),
                         ls="--" if r.startswith("full") else "-")
         ax.set(title=f"length {L}", xlabel="pairs (trained: 8)", ylabel="recall (test)", ylim=(0, 1.02))
         ax.grid(alpha=0.3)
@@ -407,7 +466,7 @@ def main(argv=None) -> None:
         report(a.out, a.model)
         return
     rows = [r.strip() for r in a.rows.split(",") if r.strip()]
-    bad = [r for r in rows if r not in ROWS + ("recheck",)]
+    bad = [r for r in rows if r not in ROWS + ("recheck",) and not gate_row(r)]
     if bad:
         sys.exit(f"unknown row {bad[0]!r}; rows: {', '.join(ROWS)}, recheck")
     check_splits(split_seeds())

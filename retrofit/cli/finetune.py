@@ -34,6 +34,9 @@ FINETUNE_DEFAULTS = {"cache_weight": 0.0, "gate_source": "lowrank"}
 @click.option("--seq-len", type=click.IntRange(min=1), default=2048, show_default=True,
               help="Tokens per window (bytes for a byte-level model).")
 @click.option("--lr", type=FiniteFloat(min=0, min_open=True), default=1e-2, show_default=True)
+@click.option("--connector-lr", type=FiniteFloat(min=0, min_open=True), default=None, metavar="LR",
+              help="lr of the lowrank/learned connector (default: --lr); the per-head scalars keep --lr. "
+                   "Lower it where the model's queries are l2-normalised (DeltaNet, Gated DeltaNet).")
 @click.option("--batch", type=click.IntRange(min=1), default=4, show_default=True)
 @click.option("--warmup", type=click.IntRange(min=0), default=20, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
@@ -66,8 +69,8 @@ FINETUNE_DEFAULTS = {"cache_weight": 0.0, "gate_source": "lowrank"}
 @mc_options
 @load_options()
 @friendly
-def command(model_path, data, tokenizer, text_field, split, max_tokens, out, steps, seq_len, lr, batch, warmup, seed,
-            eval_every, tbptt, state_passing, grad_checkpointing, mix, mix_rows, curriculum, resume, shard, force, load,
+def command(model_path, data, tokenizer, text_field, split, max_tokens, out, steps, seq_len, lr, connector_lr, batch,
+            warmup, seed, eval_every, tbptt, state_passing, grad_checkpointing, mix, mix_rows, curriculum, resume, shard, force, load,
             **mc):
     """Train only the Memory Caching gates of MODEL (original checkpoint or converted dir) on --data.
 
@@ -131,7 +134,7 @@ def command(model_path, data, tokenizer, text_field, split, max_tokens, out, ste
     result = finetune(model, rows if mix is not None else stream, steps=steps, seq_len=seq_len, lr=lr, batch=batch,
                       warmup=warmup, seed=seed, out=out, eval_every=eval_every, resume=resume, force=force, tbptt=tbptt,
                       state_passing=state_passing, grad_checkpointing=grad_checkpointing, shard=shard,
-                      curriculum=curriculum, log=click.echo)
+                      curriculum=curriculum, connector_lr=connector_lr, log=click.echo)
     if not is_main_process():  # another process of a torchrun run: rank 0 reports
         return
     click.echo(f"finetuned {model_path} for {result['step']} steps: train loss {result['train_loss']:.4f}, "

@@ -40,6 +40,7 @@ class FinetuneArgs:
     state_passing: float = 0.0
     grad_checkpointing: bool = False
     curriculum: float = 0.0
+    connector_lr: float | None = None
 
 
 def checkpoint_dir(out: str | Path) -> Path:
@@ -66,7 +67,10 @@ def run_id(model, args: FinetuneArgs, train: torch.Tensor, held: torch.Tensor) -
     for t in (train, held):  # ids below 256 as one byte each (lossless; not 8x as int64), others whole
         t = t.to(torch.uint8) if t.dim() == 1 and int(t.max()) < 256 and int(t.min()) >= 0 else t
         data.update(t.contiguous().cpu().numpy().tobytes())
-    described = {"args": asdict(args), "mc_config": model.mc.config.to_dict(), "config": config,
+    settings = asdict(args)
+    if settings["connector_lr"] is None:  # unset: the id a checkpoint from before the option has
+        del settings["connector_lr"]
+    described = {"args": settings, "mc_config": model.mc.config.to_dict(), "config": config,
                  "weights": weights.hexdigest(), "data": data.hexdigest()}
     return _digest(json.dumps(described, sort_keys=True, default=str).encode())
 

@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from .. import distributed
 from ..errors import MCError
 from ..files import check_target
-from ..model import gate_parameters  # noqa: F401 (part of this face)
+from ..model import gate_parameters, is_connector  # noqa: F401 (gate_parameters: part of this face)
 from .carry import to_plain
 from .checkpoint import (STATE_NAME, FinetuneArgs, _load_checkpoint, _save_checkpoint,  # noqa: F401
                          checkpoint_dir, run_id)
@@ -159,14 +159,27 @@ def check_reads_cache(config, seq_len: int, tbptt: int | None, state_passing: fl
                   "power of two, --tbptt, or --state-passing")
 
 
+def _param_groups(params: list, connector_lr: float | None) -> list[dict]:
+    """One optimizer group (every gate at the optimizer's lr), or, with ``connector_lr``, the
+    per-head scalars and the connector's weights apart (a checkpoint's optimizer state has the
+    groups of the run that wrote it: ``connector_lr`` is part of the run's settings)."""
+    if connector_lr is None:
+        return [{"params": [p for _, p in params]}]
+    scalars = [p for n, p in params if not is_connector(n)]
+    connector = [p for n, p in params if is_connector(n)]
+    if not connector:
+        raise MCError("connector_lr has no effect: these gates have no connector (gate source query); drop it")
+    return [{"params": scalars}, {"params": connector, "lr": float(connector_lr)}]
+
+
 def finetune(model, texts_or_dataset, *, steps: int = 200, seq_len: int = 2048, lr: float = 1e-2, batch: int = 4,
              warmup: int = 20, seed: int = 0, out: str | Path | None = None, eval_every: int = 50,
              resume: bool = False, force: bool = False, checkpoint_every: int | None = None,
              stop_at: int | None = None, weight_decay: float = 0.0, heldout_share: float = 0.05,
              tbptt: int | None = None, state_passing: float = 0.0, grad_checkpointing: bool = False,
              shard: str | None = None, tokenizer=None, text_field: str = "text", split: str | None = None,
-             max_tokens: int | None = None, curriculum: float = 0.0, log: Callable[[str], None] = print,
-             progress: bool = True) -> dict:
+             max_tokens: int | None = None, curriculum: float = 0.0, connector_lr: float | None = None,
+             log: Callable[[str], None] = print, progress: bool = True) -> dict:
     """Train only the MC gate parameters of the converted ``model`` (in place) on
     ``texts_or_dataset``: text (random windows of the model's ids: ``.txt`` bytes for a
     byte-level model, see :func:`read_texts`; the ids of its tokenizer, or of ``tokenizer``,
@@ -196,6 +209,11 @@ def finetune(model, texts_or_dataset, *, steps: int = 200, seq_len: int = 2048, 
     curriculum=True)``), the share of the steps over which the rows drawn from grow from the
     easiest to all of them (:class:`~mc_retrofit.finetune.data.RowSampler`); 0: no curriculum.
     The held-out rows are the last ones, so with a curriculum they are the hardest.
+    ``connector_lr``: the lr of a ``lowrank`` or ``learned`` connector (None: ``lr``); the
+    per-head scalars (cache weight, temperature, online bias) keep ``lr``. Adam moves every
+    parameter by about its lr per step, which for a connector means every entry of the gate
+    input: on a model with l2-normalised queries (DeltaNet, Gated DeltaNet) ``lr`` 0.01-0.05
+    swamps the query within a few steps (``recipes/studies/results/oracle-mqar/``).
     Under ``torchrun`` (``WORLD_SIZE > 1``) ``batch`` is the global batch, split evenly over
     the processes; rank 0 logs and writes. ``shard="fsdp"`` (several processes only): the
     base weights are sharded over them with FSDP2 (``mc_retrofit.distributed``), for a model
@@ -207,6 +225,8 @@ def finetune(model, texts_or_dataset, *, steps: int = 200, seq_len: int = 2048, 
     state = require_converted(model)
     _check_args(steps, seq_len, batch, warmup, lr, tbptt, state_passing, grad_checkpointing, weight_decay,
                 heldout_share)
+    if connector_lr is not None and not (math.isfinite(float(connector_lr)) and float(connector_lr) > 0):
+        raise MCError(f"connector_lr must be a finite number > 0, not {connector_lr!r}")
     if resume and out is None:
         raise MCError("resume needs out (the checkpoint lives next to it)")
     if out is not None:
@@ -221,7 +241,8 @@ def finetune(model, texts_or_dataset, *, steps: int = 200, seq_len: int = 2048, 
     if not (math.isfinite(float(curriculum)) and 0.0 <= float(curriculum) <= 1.0):
         raise MCError(f"--curriculum is a share of the steps in [0, 1], not {curriculum}")
     args = FinetuneArgs(steps, seq_len, float(lr), batch, warmup, seed, float(weight_decay), float(heldout_share),
-                        tbptt, float(state_passing), bool(grad_checkpointing), float(curriculum))
+                        tbptt, float(state_passing), bool(grad_checkpointing), float(curriculum),
+                        None if connector_lr is None else float(connector_lr))
     if isinstance(texts_or_dataset, (tuple, list)) and len(texts_or_dataset) == 2 \
             and all(isinstance(t, torch.Tensor) for t in texts_or_dataset):
         texts_or_dataset = labelled_rows(*texts_or_dataset)
@@ -264,7 +285,7 @@ def finetune(model, texts_or_dataset, *, steps: int = 200, seq_len: int = 2048, 
     log(f"trainable: {n_train} gate parameters of {n_total} ({100 * n_train / n_total:.4f}% of the model)"
         + (f"; {dist.size} processes, {batch // dist.size} windows each" if dist.size > 1 else ""))
 
-    opt = torch.optim.AdamW([p for _, p in params], lr=lr, weight_decay=weight_decay)
+    opt = torch.optim.AdamW(_param_groups(params, connector_lr), lr=lr, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(warmup, steps))
     gen = torch.Generator().manual_seed(seed)
     sampler = (RowSampler(train, batch, gen, grow=round(curriculum * steps)) if rows

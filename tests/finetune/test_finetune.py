@@ -463,3 +463,31 @@ def test_finetune_default_gates_are_under_one_percent_of_the_reference_checkpoin
     H, U, d = cfg.num_heads, cfg.state_size, cfg.hidden_size
     assert gates == cfg.num_hidden_layers * (2 * (d + H * U) + 3 * H)
     assert gates / sum(p.numel() for p in model.parameters()) < 0.01
+
+
+def test_connector_lr_moves_the_connector_at_its_own_rate():
+    # Adam's first step moves a parameter with a nonzero gradient by lr * g / (|g| + eps), i.e.
+    # by its group's lr (warmup 0, step 0: schedule factor 1), and one with a zero gradient
+    # (log_temperature while W_u = 0) not at all: the connector by connector_lr, the per-head
+    # scalars by lr; unset, every gate by lr.
+    for connector_lr, want_connector in ((5e-4, 5e-4), (None, 5e-2)):
+        model = _converted(cache_weight=0.5)
+        before = {n: p.detach().clone() for n, p in gate_parameters(model)}
+        _run(model, steps=1, warmup=0, lr=5e-2, connector_lr=connector_lr, eval_every=0)
+        seen = set()
+        for n, p in gate_parameters(model):
+            d = (p.detach() - before[n]).abs()
+            live = d > 0
+            want = want_connector if "connector" in n else 5e-2
+            if bool(live.any()):  # eps shortens the step of an entry whose gradient is tiny: the largest is lr
+                assert bool((d <= want * 1.001).all()) and abs(float(d.max()) - want) < 0.02 * want, n
+                seen.add("connector" if "connector" in n else "scalar")
+        assert seen == {"connector", "scalar"}
+
+
+def test_connector_lr_without_a_connector_is_refused():
+    model = mr.convert(tiny_model("mamba2", seed=0, vocab_size=256), mr.MCConfig(segment_size=8, gate_source="query"))
+    with pytest.raises(mr.MCError, match="no connector"):
+        _run(model, connector_lr=1e-3)
+    with pytest.raises(mr.MCError, match="connector_lr must be"):
+        _run(_converted(), connector_lr=float("nan"))
