@@ -62,6 +62,25 @@ def logits_in_calls(model, x, calls, cache=None, call_kwargs=None):
     return torch.cat(parts, 1), cache
 
 
+def random_read_inputs(B: int, T: int, N: int, H: int, K: int, V: int, U: int | None = None, *, layout: str = "kv",
+                       aggregation: str = "gated", top_k: int = 2, scale: float = 0.5):
+    """A seeded :class:`mc_retrofit.core.ReadInputs` for read-out tests: ``N`` cached states,
+    every token seeing all of them; gate inputs (u, pooled, online_pool) of width ``U``, or
+    None without one."""
+    from mc_retrofit.core import ReadInputs
+
+    g = torch.Generator().manual_seed(0)
+    states = torch.randn(B, N, H, K, V, generator=g)
+    if layout == "vk":
+        states = states.transpose(-1, -2).contiguous()
+    q, online = torch.randn(B, T, H, K, generator=g), torch.randn(B, T, H, V, generator=g)
+    gate = (None, None, None) if U is None else tuple(torch.randn(*shape, generator=g)
+                                                      for shape in ((B, T, H, U), (B, N, H, U), (B, T, H, U)))
+    return ReadInputs(q=q, states=states, online=online, u=gate[0], pooled=gate[1], online_pool=gate[2],
+                      n_visible=torch.full((T,), N), aggregation=aggregation, top_k=top_k, scale=scale,
+                      gate_scale=torch.ones(H), mix=torch.ones(H), layout=layout)
+
+
 def tiny_model(family: str, seed: int = 0, **overrides):
     """A tiny randomly initialised model of a transformers family, in eval mode."""
     from transformers import (Mamba2Config, Mamba2ForCausalLM, MambaConfig, MambaForCausalLM, RwkvConfig,

@@ -1,26 +1,20 @@
 """The oracle-gate study's read-out (recipes/studies/oracle_gate.py) against hand-computed mixes."""
 from __future__ import annotations
 
+import dataclasses
 import sys
 
 import torch
 
-from conftest import ROOT
-from mc_retrofit.core import ReadInputs
+from conftest import ROOT, random_read_inputs
 
 sys.path.insert(0, str(ROOT / "recipes" / "studies"))
 import oracle_gate  # noqa: E402
 
 
 def _inputs(segment: int, layout: str = "kv"):
-    g = torch.Generator().manual_seed(0)
-    B, T, N, H, K, V = 1, 3, 4, 2, 5, 6
-    states = torch.randn(B, N, H, K, V, generator=g)
-    if layout == "vk":
-        states = states.transpose(-1, -2).contiguous()
-    return ReadInputs(q=torch.randn(B, T, H, K, generator=g), states=states, online=torch.randn(B, T, H, V, generator=g),
-                      u=None, pooled=None, online_pool=None, n_visible=torch.full((T,), segment), aggregation="gated",
-                      top_k=2, scale=0.5, gate_scale=torch.ones(H), mix=torch.ones(H), layout=layout)
+    x = random_read_inputs(1, 3, 4, 2, 5, 6, layout=layout)  # B, T, N, H, K, V
+    return dataclasses.replace(x, n_visible=torch.full((3,), segment))
 
 
 def test_oracle_mixes_the_needles_cache_into_the_tokens_in_scope():

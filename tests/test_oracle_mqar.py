@@ -7,8 +7,7 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT
-from mc_retrofit.core import ReadInputs
+from conftest import ROOT, random_read_inputs
 
 sys.path.insert(0, str(ROOT / "recipes" / "studies"))
 import oracle_mqar  # noqa: E402
@@ -40,15 +39,7 @@ def test_freshest_cache_is_the_segment_that_stored_the_asked_pair():
 
 
 def _inputs(k: int, layout: str = "kv"):
-    g = torch.Generator().manual_seed(0)
-    B, T, H, K, V, U = 2, 4, 2, 3, 5, 3
-    states = torch.randn(B, k, H, K, V, generator=g)
-    if layout == "vk":
-        states = states.transpose(-1, -2).contiguous()
-    return ReadInputs(q=torch.randn(B, T, H, K, generator=g), states=states, online=torch.randn(B, T, H, V, generator=g),
-                      u=torch.randn(B, T, H, U, generator=g), pooled=torch.randn(B, k, H, U, generator=g),
-                      online_pool=torch.randn(B, T, H, U, generator=g), n_visible=torch.full((T,), k),
-                      aggregation="ssc", top_k=2, scale=0.5, gate_scale=torch.ones(H), mix=torch.ones(H), layout=layout)
+    return random_read_inputs(2, 4, k, 2, 3, 5, 3, layout=layout, aggregation="ssc")  # B, T, N=k, H, K, V, U
 
 
 def test_oracle_mixes_each_query_tokens_own_cache():

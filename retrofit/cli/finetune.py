@@ -70,8 +70,8 @@ FINETUNE_DEFAULTS = {"cache_weight": 0.0, "gate_source": "lowrank"}
 @load_options()
 @friendly
 def command(model_path, data, tokenizer, text_field, split, max_tokens, out, steps, seq_len, lr, connector_lr, batch,
-            warmup, seed, eval_every, tbptt, state_passing, grad_checkpointing, mix, mix_rows, curriculum, resume, shard, force, load,
-            **mc):
+            warmup, seed, eval_every, tbptt, state_passing, grad_checkpointing, mix, mix_rows, curriculum, resume,
+            shard, force, load, **mc):
     """Train only the Memory Caching gates of MODEL (original checkpoint or converted dir) on --data.
 
     \b

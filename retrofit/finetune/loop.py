@@ -212,8 +212,8 @@ def finetune(model, texts_or_dataset, *, steps: int = 200, seq_len: int = 2048, 
     ``connector_lr``: the lr of a ``lowrank`` or ``learned`` connector (None: ``lr``); the
     per-head scalars (cache weight, temperature, online bias) keep ``lr``. Adam moves every
     parameter by about its lr per step, which for a connector means every entry of the gate
-    input: on a model with l2-normalised queries (DeltaNet, Gated DeltaNet) ``lr`` 0.01-0.05
-    swamps the query within a few steps (``recipes/studies/results/oracle-mqar/``).
+    input: on a model with l2-normalised queries (DeltaNet, Gated DeltaNet) ``lr`` 0.005-0.05
+    swamps the query within tens of steps (``recipes/studies/results/oracle-mqar/``).
     Under ``torchrun`` (``WORLD_SIZE > 1``) ``batch`` is the global batch, split evenly over
     the processes; rank 0 logs and writes. ``shard="fsdp"`` (several processes only): the
     base weights are sharded over them with FSDP2 (``mc_retrofit.distributed``), for a model
@@ -269,6 +269,7 @@ def finetune(model, texts_or_dataset, *, steps: int = 200, seq_len: int = 2048, 
     params = gate_parameters(model)
     if not params:
         raise MCError("the model has no MC gate parameters to train")
+    groups = _param_groups(params, connector_lr)  # before any output: a connector_lr with no connector is refused
     # the run id reads the base weights whole: before setup may shard them
     run = run_id(model, args, train, held) if out is not None else None
     dist = distributed.setup(model, batch, shard)
@@ -285,7 +286,7 @@ def finetune(model, texts_or_dataset, *, steps: int = 200, seq_len: int = 2048, 
     log(f"trainable: {n_train} gate parameters of {n_total} ({100 * n_train / n_total:.4f}% of the model)"
         + (f"; {dist.size} processes, {batch // dist.size} windows each" if dist.size > 1 else ""))
 
-    opt = torch.optim.AdamW(_param_groups(params, connector_lr), lr=lr, weight_decay=weight_decay)
+    opt = torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(warmup, steps))
     gen = torch.Generator().manual_seed(seed)
     sampler = (RowSampler(train, batch, gen, grow=round(curriculum * steps)) if rows

@@ -491,3 +491,12 @@ def test_connector_lr_without_a_connector_is_refused():
         _run(model, connector_lr=1e-3)
     with pytest.raises(mr.MCError, match="connector_lr must be"):
         _run(_converted(), connector_lr=float("nan"))
+
+
+def test_cli_connector_lr_reaches_finetune(base_dir, tmp_path):
+    (tmp_path / "train.txt").write_bytes(TEXT)
+    r = CliRunner().invoke(main, ["finetune", str(base_dir), "--data", str(tmp_path / "train.txt"), "--out",
+                                  str(tmp_path / "o"), "--steps", "1", "--seq-len", "32", "--batch", "2",
+                                  "--segment-size", "8", "--gate-source", "query", "--connector-lr", "0.001"])
+    assert "no connector" in _one_line_error(r)  # refused inside finetune: the option got there
+    assert not (tmp_path / "o").exists()
