@@ -63,9 +63,10 @@ def logits_in_calls(model, x, calls, cache=None, call_kwargs=None):
 
 
 def random_read_inputs(B: int, T: int, N: int, H: int, K: int, V: int, U: int | None = None, *, layout: str = "kv",
-                       aggregation: str = "gated", top_k: int = 2, scale: float = 0.5):
+                       aggregation: str = "gated", top_k: int = 2, scale: float = 0.5,
+                       n_visible: int | None = None):
     """A seeded :class:`mc_retrofit.core.ReadInputs` for read-out tests: ``N`` cached states,
-    every token seeing all of them; gate inputs (u, pooled, online_pool) of width ``U``, or
+    every token seeing ``n_visible`` of them (default all); gate inputs (u, pooled, online_pool) of width ``U``, or
     None without one."""
     from mc_retrofit.core import ReadInputs
 
@@ -77,7 +78,7 @@ def random_read_inputs(B: int, T: int, N: int, H: int, K: int, V: int, U: int | 
     gate = (None, None, None) if U is None else tuple(torch.randn(*shape, generator=g)
                                                       for shape in ((B, T, H, U), (B, N, H, U), (B, T, H, U)))
     return ReadInputs(q=q, states=states, online=online, u=gate[0], pooled=gate[1], online_pool=gate[2],
-                      n_visible=torch.full((T,), N), aggregation=aggregation, top_k=top_k, scale=scale,
+                      n_visible=torch.full((T,), N if n_visible is None else n_visible), aggregation=aggregation, top_k=top_k, scale=scale,
                       gate_scale=torch.ones(H), mix=torch.ones(H), layout=layout)
 
 

@@ -1,7 +1,6 @@
 """The oracle-gate study's read-out (recipes/studies/oracle_gate.py) against hand-computed mixes."""
 from __future__ import annotations
 
-import dataclasses
 import sys
 
 import torch
@@ -13,8 +12,7 @@ import oracle_gate  # noqa: E402
 
 
 def _inputs(segment: int, layout: str = "kv"):
-    x = random_read_inputs(1, 3, 4, 2, 5, 6, layout=layout)  # B, T, N, H, K, V
-    return dataclasses.replace(x, n_visible=torch.full((3,), segment))
+    return random_read_inputs(1, 3, 4, 2, 5, 6, layout=layout, n_visible=segment)  # B, T, N, H, K, V
 
 
 def test_oracle_mixes_the_needles_cache_into_the_tokens_in_scope():

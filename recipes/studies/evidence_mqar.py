@@ -83,6 +83,9 @@ GATE = {"segment_size": 8, "aggregation": "ssc", "top_k": 2, "cache_weight": 0.0
 GATE_SOURCES = ("query", "lowrank", "learned")
 
 
+ROW_OPTIONS = (("seg", "segment_size", int), ("clr", "connector_lr", float), ("lr", "lr", float))  # "clr" before "lr"
+
+
 def gate_row(row: str) -> tuple[str, dict, dict] | None:
     """``SOURCE[-segS][-lrX][-clrY]`` -> (source, GATE with segments of S, the finetune rates
     given: ``lr`` X, ``connector_lr`` Y; the others are ``--lr`` and unset); None when ``row`` is not a
@@ -92,16 +95,12 @@ def gate_row(row: str) -> tuple[str, dict, dict] | None:
         return None
     gate, rates = dict(GATE), {}
     for o in opts:
-        if o.startswith("seg") and o[3:].isdigit():
-            gate["segment_size"] = int(o[3:])
-            continue
-        key = "connector_lr" if o.startswith("clr") else "lr" if o.startswith("lr") else None
+        prefix, key, cast = next(((p, k, c) for p, k, c in ROW_OPTIONS if o.startswith(p)), ("", None, None))
         try:
-            rates[key] = float(o[3 if key == "connector_lr" else 2:])
-        except ValueError:
+            value = cast(o[len(prefix):])
+        except (TypeError, ValueError):  # no known prefix (cast None), or no number after it
             return None
-        if key is None:
-            return None
+        (gate if key == "segment_size" else rates)[key] = value
     return source, gate, rates
 TUNE = {"n": 2048, "seq_len": 256, "max_pairs": 32}  # finetune_mqar_evidence.data's arguments
 TUNE_SEED, VAL_SEED, TEST_SEED = 100, 1, 2

@@ -49,7 +49,7 @@ from mc_retrofit.files import atomic_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the helpers beside this script
 from evidence_mqar import TEST, TEST_SEED, mean_interval  # noqa: E402
-from rwkv7_read_norm import readout  # noqa: E402
+from rwkv7_read_norm import cached_reads, readout  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "oracle-mqar"
 # Per forward: the cache index the oracle reads at each query token ([B, L], -1 elsewhere), the
@@ -82,11 +82,6 @@ def piece(x: core.ReadInputs) -> tuple[int, torch.Tensor]:
     return k, STATE["j"][:, k * seg:k * seg + T].to(x.q.device)
 
 
-def cached_reads(x: core.ReadInputs, n: int) -> torch.Tensor:
-    eq = "bthk,bnhkv->bthnv" if x.layout == "kv" else "bthk,bnhvk->bthnv"
-    return torch.einsum(eq, x.q.float(), x.states[:, :n].float()) * x.scale  # [B,T,H,n,V]
-
-
 def oracle_readout(x: core.ReadInputs) -> torch.Tensor:
     """``y = (1 - w) o + w read(S_j, q)`` at the query tokens whose pair is cached; ``o`` elsewhere."""
     if x.states is None or STATE["w"] == 0.0:
@@ -116,15 +111,23 @@ def measure(x: core.ReadInputs) -> torch.Tensor:
     return core.readout_reference(x)
 
 
-@torch.no_grad()
-def recall(model, items, batch: int = 32) -> list[float]:
-    """Each sequence's recall (share of its queries whose value is the argmax), eval's definition."""
-    out = []
+def batches(items, batch: int = 32):
+    """``(ids, targets)`` per batch of one cell's sequences, with ``STATE["j"]`` set for it (the
+    read-out patches need each batch's query positions, so eval's own ``score_mqar`` loop, which
+    batches internally, cannot be used)."""
     for a in range(0, len(items), batch):
         chunk = items[a:a + batch]
         ids = torch.stack([it.ids for it in chunk])
         targets = torch.stack([it.meta["targets"] for it in chunk])
         STATE["j"] = freshest_cache(ids, targets, chunk[0].meta["n_pairs"])
+        yield ids, targets
+
+
+@torch.no_grad()
+def recall(model, items) -> list[float]:
+    """Each sequence's recall (share of its queries whose value is the argmax), eval's definition."""
+    out = []
+    for ids, targets in batches(items):
         logits = model(input_ids=ids).logits
         hit = (logits.argmax(-1) == targets) & (targets != -100)
         out += (hit.sum(1) / (targets != -100).sum(1)).tolist()
@@ -144,11 +147,7 @@ def router_hits(load, items, layers: int) -> dict:
         STATE["ranks"] = []
         model = load(layer)
         with readout(measure), torch.no_grad():
-            for a in range(0, len(items), 32):
-                chunk = items[a:a + 32]
-                ids = torch.stack([it.ids for it in chunk])
-                targets = torch.stack([it.meta["targets"] for it in chunk])
-                STATE["j"] = freshest_cache(ids, targets, chunk[0].meta["n_pairs"])
+            for ids, _ in batches(items):
                 STATE["ranks"].append([])
                 model(input_ids=ids)
         ranks = torch.cat([r for call in STATE["ranks"] for r in call])

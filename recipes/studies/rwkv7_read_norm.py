@@ -37,6 +37,12 @@ RATIOS: list[float] = []
 CACHED_WEIGHT: list[float] = []  # the gates' total weight on cached reads, mean over heads and tokens
 
 
+def cached_reads(x: core.ReadInputs, n: int) -> torch.Tensor:
+    """``q^T S_i * scale`` for the first ``n`` cached states: ``[B,T,H,n,V]`` (fp32)."""
+    eq = "bthk,bnhkv->bthnv" if x.layout == "kv" else "bthk,bnhvk->bthnv"
+    return torch.einsum(eq, x.q.float(), x.states[:, :n].float()) * x.scale
+
+
 def norm_matched(x: core.ReadInputs) -> torch.Tensor:
     """:func:`core.readout_reference` with each cached read scaled to ``||o||`` per head and token."""
     N = 0 if x.states is None else x.states.shape[1]
@@ -44,8 +50,7 @@ def norm_matched(x: core.ReadInputs) -> torch.Tensor:
         return x.online
     o = x.online.float()
     n = int(x.n_visible.max())
-    eq = "bthk,bnhkv->bthnv" if x.layout == "kv" else "bthk,bnhvk->bthnv"
-    reads = torch.einsum(eq, x.q.float(), x.states[:, :n].float()) * x.scale  # [B,T,H,n,V]
+    reads = cached_reads(x, n)  # [B,T,H,n,V]
     o_norm = o.norm(dim=-1, keepdim=True)[..., None, :]  # [B,T,H,1,1]
     r_norm = reads.norm(dim=-1, keepdim=True).clamp_min(1e-12)
     RATIOS.append(float((r_norm / o_norm.clamp_min(1e-12)).median()))
@@ -61,8 +66,7 @@ def measuring(x: core.ReadInputs) -> torch.Tensor:
     """The read-out as it is, recording the norm ratio."""
     if x.states is not None and int(x.n_visible.max()) > 0:
         n = int(x.n_visible.max())
-        eq = "bthk,bnhkv->bthnv" if x.layout == "kv" else "bthk,bnhvk->bthnv"
-        reads = torch.einsum(eq, x.q.float(), x.states[:, :n].float()) * x.scale
+        reads = cached_reads(x, n)
         RATIOS.append(float((reads.norm(dim=-1) / x.online.float().norm(dim=-1)[..., None].clamp_min(1e-12)).median()))
         w = core.gate_weights(x.u, x.pooled[:, :n], x.online_pool, x.n_visible, x.aggregation, x.top_k, x.gate_scale,
                               x.online_bias)

@@ -109,7 +109,7 @@ def _check_finite(step: int, what: str, value: float, lr: float) -> None:
 
 
 def _check_args(steps, seq_len, batch, warmup, lr, tbptt, state_passing, grad_checkpointing,
-                weight_decay: float = 0.0, heldout_share: float = 0.05) -> None:
+                weight_decay: float = 0.0, heldout_share: float = 0.05, connector_lr: float | None = None) -> None:
     for name, value in (("steps", steps), ("seq_len", seq_len), ("batch", batch)):
         if int(value) < 1:
             raise MCError(f"{name} must be a positive integer, not {value!r}")
@@ -120,6 +120,8 @@ def _check_args(steps, seq_len, batch, warmup, lr, tbptt, state_passing, grad_ch
             raise MCError(f"{name} must be a finite number, not {value!r}")
     if warmup < 0 or lr <= 0:
         raise MCError("warmup must be >= 0 and lr > 0")
+    if connector_lr is not None and not (math.isfinite(float(connector_lr)) and float(connector_lr) > 0):
+        raise MCError(f"connector_lr must be a finite number > 0, not {connector_lr!r}")
     if weight_decay < 0 or not 0 <= heldout_share < 1:
         raise MCError(f"weight_decay must be >= 0 and heldout_share in [0, 1), not {weight_decay!r} and {heldout_share!r}")
     # 1-token chunks would run the families' one-token decoding step, which updates the
@@ -224,9 +226,7 @@ def finetune(model, texts_or_dataset, *, steps: int = 200, seq_len: int = 2048, 
 
     state = require_converted(model)
     _check_args(steps, seq_len, batch, warmup, lr, tbptt, state_passing, grad_checkpointing, weight_decay,
-                heldout_share)
-    if connector_lr is not None and not (math.isfinite(float(connector_lr)) and float(connector_lr) > 0):
-        raise MCError(f"connector_lr must be a finite number > 0, not {connector_lr!r}")
+                heldout_share, connector_lr)
     if resume and out is None:
         raise MCError("resume needs out (the checkpoint lives next to it)")
     if out is not None:
