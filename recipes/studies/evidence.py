@@ -46,12 +46,15 @@ import torch.nn.functional as F
 
 import mc_retrofit
 from mc_retrofit import MCConfig, tasks
+from mc_retrofit.adapters import adapter_for
 from mc_retrofit.distributed import cpu_numerics
 from mc_retrofit.eval.stats import paired_bootstrap, wilson
 from mc_retrofit.finetune.data import read_texts
 from mc_retrofit.finetune.mix import MixBuilder
 
 ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "recipes"))  # families.speed_context (recipes/ is not a package)
+import families  # noqa: E402
 TUNE_BOOKS = ("austen-persuasion.txt", "austen-sense.txt", "chesterton-ball.txt", "chesterton-brown.txt",
               "chesterton-thursday.txt", "carroll-alice.txt", "milton-paradise.txt")
 VAL_BOOK = "bible-kjv.txt"
@@ -166,25 +169,28 @@ def tune_args(a, length: int = 4) -> list[str]:
             "--batch", "4", "--warmup", "10", "--eval-every", "0", "--device", "cpu"]
 
 
-GATE_ROW = re.compile(r"^(query|lowrank|learned)(?:-ssc(\d+))?(?:-bias(-?\d+(?:\.\d+)?))?(?:-len(\d+))?(?:-seed(\d+))?$")
+GATE_ROW = re.compile(r"^(query|lowrank|learned)(?:-ssc(\d+))?(?:-bias(-?\d+(?:\.\d+)?))?(?:-len(\d+))?(?:-seed(\d+))?"
+                      r"(?:-clr(\d+(?:\.\d+)?(?:e-?\d+)?))?$")
 
 
 def gate_row(a, out: Path, row: str) -> tuple[object, dict]:
-    """``SOURCE[-sscK][-biasB][-lenM][-seedS]``: gates of that source tuned from cache weight 0,
+    """``SOURCE[-sscK][-biasB][-lenM][-seedS][-clrY]``: gates of that source tuned from cache weight 0,
     with the gated aggregation (or SSC top-K), the (trainable, per-head) online bias starting at
     B (default 0), on rows of M x the context (default 4: not the same data as the other rows),
-    rows and sampling drawn with seed S (default 0)."""
-    source, top_k, bias, length, seed = GATE_ROW.match(row).groups()
+    rows and sampling drawn with seed S (default 0), the connector at its own lr Y
+    (``finetune --connector-lr``; default: the gates' lr)."""
+    source, top_k, bias, length, seed, clr = GATE_ROW.match(row).groups()
     mult = int(length or 4)
     d = a.work / "models" / row
     info = {"gate_source": source, "aggregation": f"ssc-{top_k}" if top_k else "gated",
             "online_bias_init": float(bias or 0), "seed": int(seed or 0), "lr": a.lr, "steps": a.steps,
-            "seq_len": mult * a.ctx}
+            "seq_len": mult * a.ctx, **({"connector_lr": float(clr)} if clr else {})}
     if not (d / "mc_config.json").is_file():
         extra = ["--gate-rank", str(a.rank)] if source == "lowrank" else []
         extra += ["--aggregation", "ssc", "--top-k", top_k] if top_k else []
         extra += ["--online-bias", bias or "0"]  # 0 when unnamed, as the committed rows ran (not the family's default)
         extra += ["--seed", seed] if seed else []
+        extra += ["--connector-lr", clr] if clr else []
         info["tune_seconds"] = round(cli(["finetune", a.model, "--data", str(tune_dir(a.work)), "--out", str(d),
                                           "--gate-source", source, "--cache-weight", "0", "--lr", str(a.lr),
                                           "--force"] + extra + tune_args(a, mult), a.work / f"finetune-{row}.log"))
@@ -206,17 +212,20 @@ def full_row(a, out: Path, base, steps: int, name: str) -> tuple[object, dict]:
         opt = torch.optim.AdamW(model.parameters(), lr=a.full_lr, weight_decay=0.0)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 10))
         g = torch.Generator().manual_seed(0)
-        for step in range(steps):
-            idx = torch.randint(0, len(ids), (4,), generator=g)
-            logits = model(input_ids=ids[idx], use_cache=False).logits.float()
-            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[idx].reshape(-1), ignore_index=-100)
-            opt.zero_grad()
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            sched.step()
-            if step % 20 == 0 or step == steps - 1:
-                log(f"  full step {step + 1}/{steps}: loss {float(loss):.4f}")
+        # CPU speed only: the chunkwise recurrences, same loss and gradients (tests/adapters/test_fast_chunk.py);
+        # 6 s a step instead of 55 on rwkv7-byte at batch 4 x 2048 bytes
+        with families.speed_context(adapter_for(model.config).family):
+            for step in range(steps):
+                idx = torch.randint(0, len(ids), (4,), generator=g)
+                logits = model(input_ids=ids[idx], use_cache=False).logits.float()
+                loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[idx].reshape(-1), ignore_index=-100)
+                opt.zero_grad()
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                opt.step()
+                sched.step()
+                if step % 20 == 0 or step == steps - 1:
+                    log(f"  full step {step + 1}/{steps}: loss {float(loss):.4f}")
         model.eval().save_pretrained(d)
         info["tune_seconds"] = round(time.time() - t)
     model = mc_retrofit.load_base(d)
@@ -306,10 +315,10 @@ def report(out: Path, ctx: int) -> None:
              "full500": "full-weight tuned, 500 steps", "full+mc": "full-weight tuned + training-free MC"}
     for r in rows:
         if _is_gate_row(r):
-            source, top_k, bias, length, seed = GATE_ROW.match(r).groups()
+            source, top_k, bias, length, seed, clr = GATE_ROW.match(r).groups()
             label[r] = f"gate-tuned, {source}" + (f", SSC top-{top_k}" if top_k else "") + \
                 (f", online bias from {bias}" if bias else "") + (f", tuned at {length}x" if length else "") + \
-                (f", seed {seed}" if seed else "")
+                (f", seed {seed}" if seed else "") + (f", connector lr {clr}" if clr else "")
 
     def acc(h):
         ci = wilson(sum(h), len(h))
@@ -393,7 +402,7 @@ def main() -> None:
     ap.add_argument("--model", default="builtin:mamba2-byte-v2", help="a byte-level checkpoint")
     ap.add_argument("--ctx", type=int, default=512, help="its training context in bytes")
     ap.add_argument("--rows", default="base", help=f"comma-separated, of {', '.join(ROWS)} "
-                    "(a gate row may add -sscK: SSC top-K instead of gated, -biasB: the online bias starts at B, -lenM: tuned on rows of M x the context, -seedS: rows drawn with seed S)")
+                    "(a gate row may add -sscK: SSC top-K instead of gated, -biasB: the online bias starts at B, -lenM: tuned on rows of M x the context, -seedS: rows drawn with seed S, -clrY: the connector at lr Y)")
     ap.add_argument("--report", action="store_true", help="only assemble the table from the rows written")
     ap.add_argument("--out", default=None, help="default recipes/studies/results/evidence-MODEL")
     ap.add_argument("--work", type=Path, default=None,
