@@ -26,6 +26,9 @@ windows. **Test**: the same phrasing on filler from the evaluation-only Emma: pa
 1x..32x and multi-key recall at 1x/4x (``--prompts`` each, depths spread evenly over
 0..1), and bits/byte on windows of 1x/4x/16x with a paired bootstrap against the base.
 Accuracies carry 95% Wilson intervals.
+Caveat: two tuning books and the test book are Austen. Full-weight rows, which move the whole
+model towards the tuning prose, are in-domain on test and not on validation (the Bible), and
+their two splits disagree (``results/evidence-rwkv7-byte/README.md``); gate rows cannot do that.
 """
 from __future__ import annotations
 
