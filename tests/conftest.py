@@ -66,8 +66,8 @@ def random_read_inputs(B: int, T: int, N: int, H: int, K: int, V: int, U: int | 
                        aggregation: str = "gated", top_k: int = 2, scale: float = 0.5,
                        n_visible: int | None = None):
     """A seeded :class:`mc_retrofit.core.ReadInputs` for read-out tests: ``N`` cached states,
-    every token seeing ``n_visible`` of them (default all); gate inputs (u, pooled, online_pool) of width ``U``, or
-    None without one."""
+    every token seeing ``n_visible`` of them (default all); gate inputs (u, pooled, online_pool)
+    of width ``U``, or None without one."""
     from mc_retrofit.core import ReadInputs
 
     g = torch.Generator().manual_seed(0)
@@ -77,8 +77,9 @@ def random_read_inputs(B: int, T: int, N: int, H: int, K: int, V: int, U: int | 
     q, online = torch.randn(B, T, H, K, generator=g), torch.randn(B, T, H, V, generator=g)
     gate = (None, None, None) if U is None else tuple(torch.randn(*shape, generator=g)
                                                       for shape in ((B, T, H, U), (B, N, H, U), (B, T, H, U)))
+    visible = torch.full((T,), N if n_visible is None else n_visible)
     return ReadInputs(q=q, states=states, online=online, u=gate[0], pooled=gate[1], online_pool=gate[2],
-                      n_visible=torch.full((T,), N if n_visible is None else n_visible), aggregation=aggregation, top_k=top_k, scale=scale,
+                      n_visible=visible, aggregation=aggregation, top_k=top_k, scale=scale,
                       gate_scale=torch.ones(H), mix=torch.ones(H), layout=layout)
 
 

@@ -405,7 +405,9 @@ def main() -> None:
     ap.add_argument("--model", default="builtin:mamba2-byte-v2", help="a byte-level checkpoint")
     ap.add_argument("--ctx", type=int, default=512, help="its training context in bytes")
     ap.add_argument("--rows", default="base", help=f"comma-separated, of {', '.join(ROWS)} "
-                    "(a gate row may add -sscK: SSC top-K instead of gated, -biasB: the online bias starts at B, -lenM: tuned on rows of M x the context, -seedS: rows drawn with seed S, -clrY: the connector at lr Y)")
+                    "(a gate row may add -sscK: SSC top-K instead of gated, -biasB: the online bias starts at B, "
+                    "-lenM: tuned on rows of M x the context, -seedS: rows drawn with seed S, "
+                    "-clrY: the connector at lr Y)")
     ap.add_argument("--report", action="store_true", help="only assemble the table from the rows written")
     ap.add_argument("--out", default=None, help="default recipes/studies/results/evidence-MODEL")
     ap.add_argument("--work", type=Path, default=None,
